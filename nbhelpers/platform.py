@@ -1,0 +1,185 @@
+"""Where we run (Kaggle, Colab, local), where files go, and which device and precision to use.
+
+This is the one place that picks device, precision and torch.compile support. Nothing here has
+side effects at import: TF32 flags and the like are set only when `select_runtime` is called.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------- platform + paths
+
+
+def detect_platform() -> str:
+    """Return "kaggle", "colab" or "local" (environment markers first, then well-known folders)."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") or Path("/kaggle/working").is_dir():
+        return "kaggle"
+    if os.environ.get("COLAB_RELEASE_TAG") or os.environ.get("COLAB_GPU") is not None:
+        return "colab"
+    if Path("/content").is_dir() and not Path("/kaggle").exists():
+        return "colab"
+    return "local"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Default input and output folders for one notebook on the current platform."""
+
+    platform: str  # "kaggle" | "colab" | "local"
+    data_root: Path  # where inputs are searched (read-only on Kaggle)
+    out_dir: Path  # where every output file is written
+
+
+def default_paths(project: str, platform: str | None = None) -> Paths:
+    """Pick DATA_ROOT and OUT_DIR so that no path is edited between platforms.
+
+    Args:
+        project: a short name for the notebook ("q1_vit", "q2_seg"); outputs go in a folder of that name.
+        platform: override the detected platform (tests).
+    Returns:
+        Paths with absolute folders; nothing is created here.
+    """
+    platform = platform or detect_platform()
+    if platform == "kaggle":
+        return Paths(platform, Path("/kaggle/input"), Path("/kaggle/working/outputs") / project)
+    if platform == "colab":
+        # /content/drive is used when the user mounted Drive: outputs then survive a disconnect.
+        base = Path("/content/drive/MyDrive") if Path("/content/drive/MyDrive").is_dir() else Path("/content")
+        return Paths(platform, Path("/content/data"), base / "outputs" / project)
+    return Paths(platform, Path.cwd() / "data", Path.cwd() / "outputs" / project)
+
+
+def resolve_paths(project: str, data_root: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> Paths:
+    """Platform defaults with the user's DATA_ROOT / OUT_DIR (None = default) applied."""
+    defaults = default_paths(project)
+    return Paths(
+        defaults.platform,
+        Path(data_root).expanduser().resolve() if data_root else defaults.data_root,
+        Path(out_dir).expanduser().resolve() if out_dir else defaults.out_dir,
+    )
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "OUT_DIR") -> Path:
+    """Create `path` and check a file can be written there; raise a message naming the fix otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"{what}={str(path)!r} cannot be written ({error.strerror or error}). "
+            f"Set {what} to a writable folder, e.g. /kaggle/working/outputs on Kaggle or /content/outputs on Colab."
+        ) from error
+    return path
+
+
+# ----------------------------------------------------------------------------- device + precision
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device, precision and compile choices, made once by `select_runtime`."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype; None = full fp32
+    use_grad_scaler: bool  # True only for fp16 autocast
+    compile: bool  # whether torch.compile is used
+    description: str  # one human-readable line
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for forward passes (a no-op context in fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def compile_supported(device: torch.device) -> bool:
+    """torch.compile's default backend needs Triton on CUDA with compute capability >= 7.0; off on CPU."""
+    if device.type != "cuda" or os.name == "nt":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"DEVICE={device!r} but no CUDA GPU is visible. Use DEVICE=None (auto) or 'cpu'.")
+    return chosen
+
+
+def _pick_precision(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"precision={precision!r} is not one of 'auto', 'bf16', 'fp16', 'fp32'.")
+    if precision == "fp32" or device.type not in ("cuda", "cpu", "mps"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type != "cuda":  # CPU autocast is slower than fp32 for these models
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return torch.bfloat16
+    if major == 7:  # T4, V100: fp16 tensor cores, no bf16
+        return torch.float16
+    return None  # P100 and older: no fast half precision path worth the risk
+
+
+_announced: set[tuple] = set()
+
+
+def select_runtime(
+    device: str | None = None, precision: str = "auto", compile: bool | None = None, verbose: bool = True
+) -> Runtime:
+    """Choose device, autocast dtype, grad scaling and torch.compile once; print the choice once.
+
+    Args:
+        device: "cuda", "cuda:1", "cpu", "mps" or None/"auto".
+        precision: "auto" (bf16 on compute capability >= 8, fp16 + GradScaler on 7.x, fp32 otherwise),
+            or "bf16" / "fp16" / "fp32" to force one.
+        compile: None = on only where it works (CUDA with a Triton-supported GPU); True/False to force.
+    Returns:
+        A Runtime. TF32 matmuls are enabled here (not at import) on CUDA.
+    """
+    chosen = _pick_device(device)
+    amp_dtype = _pick_precision(chosen, precision)
+    can_compile = compile_supported(chosen)
+    if compile and not can_compile:
+        print(f"COMPILE=True ignored: torch.compile is not supported on {chosen} here (needs CUDA sm_70+ and Triton).")
+    use_compile = can_compile if compile is None else bool(compile and can_compile)
+    if chosen.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        name = torch.cuda.get_device_name(chosen)
+    else:
+        name = chosen.type
+    precision_name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+    description = f"device {name} | precision {precision_name[amp_dtype]} | torch.compile {'on' if use_compile else 'off'}"
+    runtime = Runtime(chosen, amp_dtype, amp_dtype == torch.float16, use_compile, description)
+    key = (str(chosen), amp_dtype, use_compile)
+    if verbose and key not in _announced:
+        _announced.add(key)
+        print(f"[nbhelpers] {detect_platform()}: {description} (torch {torch.__version__})")
+    return runtime

@@ -1,0 +1,1 @@
+"""Vision Transformer from scratch on CIFAR-10: config, model, data, GPU augmentation, training, report."""

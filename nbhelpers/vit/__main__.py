@@ -1,0 +1,65 @@
+"""Headless training: `python -m nbhelpers.vit --preset fast --data DIR --out DIR [--epochs N ...]`.
+
+Runs the same `fit` as the notebook. Exit codes: 0 finished (or stopped as asked), 2 bad input, 1 other errors.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+from nbhelpers.vit.checkpoint import CheckpointError
+from nbhelpers.vit.config import PRESETS, build_config
+from nbhelpers.vit.train import fit
+
+
+def parse_value(text: str):
+    """'10' -> 10, '1e-3' -> 0.001, 'True' -> True, 'None' -> None, anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nbhelpers.vit", description="Train a ViT on CIFAR-10 (same code as q1_vit_cifar10.ipynb).")
+    parser.add_argument("--preset", default="fast", help=f"one of {sorted(PRESETS)}")
+    parser.add_argument("--data", dest="data_root", help="DATA_ROOT: folder holding cifar-10-batches-py or train/ test/ ImageFolders")
+    parser.add_argument("--out", dest="out_dir", help="OUT_DIR: checkpoints, run_summary.json, plots")
+    parser.add_argument("--dataset", choices=["cifar10", "synthetic"])
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--val-size", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--fresh", action="store_true", default=None, help="move an existing checkpoint aside and start over")
+    parser.add_argument("--stop-after-epochs", type=int)
+    parser.add_argument("--no-plots", dest="report_plots", action="store_false", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any other config field, e.g. --set dim=256")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "set")}
+    try:
+        for item in args.set:
+            name, separator, value = item.partition("=")
+            if not separator:
+                raise ValueError(f"--set {item!r}: write NAME=VALUE, e.g. --set dim=256")
+            overrides[name.strip()] = parse_value(value.strip())
+        config = build_config(args.preset, **overrides)
+        result = fit(config)
+    except (ValueError, FileNotFoundError, PermissionError, CheckpointError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result.status == "finished":
+        print(f"done: {result.out_dir / 'run_summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

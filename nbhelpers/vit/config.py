@@ -1,0 +1,214 @@
+"""Configuration for ViT-on-CIFAR-10 runs: three dataclasses and named presets.
+
+A preset is a factory registered by name (as timm registers models). Notebook and CLI parameters
+are applied on top with `build_config(preset, **overrides)`, where None means "the preset's value".
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32  # input side (px)
+    num_classes: int = 10  # output classes
+    patch_size: int = 4  # patch side (px) for the 'patch' and 'spt' tokenizers; total stride of 'conv'
+    tokenizer: str = "patch"  # 'patch' (Conv2d k=s=patch) | 'spt' (shifted patch tokenization) | 'conv' (CCT stem)
+    conv_layers: int = 2  # 'conv' tokenizer: number of conv-relu-maxpool stages (each halves the side)
+    dim: int = 384  # token width
+    depth: int = 7  # transformer blocks
+    heads: int = 6  # attention heads (dim must divide evenly)
+    mlp_dim: int = 1152  # hidden width of each block's MLP
+    dropout: float = 0.0  # dropout after attention projection and in the MLP
+    embed_dropout: float = 0.0  # dropout on tokens after adding positions
+    attn_dropout: float = 0.0  # dropout on attention weights
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0)
+    layerscale: float | None = None  # LayerScale init value (e.g. 1e-4); None = off
+    lsa: bool = False  # Locality Self-Attention: learned temperature, diagonal masked
+    pool: str = "cls"  # 'cls' | 'mean' | 'seqpool'
+    pos_embed: str = "learned"  # 'learned' | 'sincos'
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4  # random crop after padding each side (px); 0 = off
+    flip: bool = True  # random horizontal flip, p = 0.5
+    trivial_augment: bool = True  # one random photometric/geometric op per image (TrivialAugment-style)
+    augment_magnitude: float = 1.0  # scales the op strength range (0 = identity, 1 = full range)
+    mixup_alpha: float = 0.8  # Beta(alpha, alpha) for MixUp; 0 = off
+    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for CutMix; 0 = off
+    mix_prob: float = 1.0  # probability a batch is mixed at all (MixUp or CutMix, 50/50 when both on)
+    mix_off_epochs: int = 0  # last N epochs train without MixUp/CutMix (sharpens the final model)
+    random_erasing: float = 0.25  # probability of erasing one random rectangle per image
+    label_smoothing: float = 0.1  # label smoothing applied to the (mixed) targets
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "cifar10"  # 'cifar10' (found under data_root, else downloaded) | 'synthetic'
+    data_root: str | None = None  # None = platform default (/kaggle/input, /content/data, ./data)
+    out_dir: str | None = None  # None = platform default (/kaggle/working/outputs/q1_vit, …)
+    val_size: int = 0  # images held out of train for validation (tuning); 0 for final runs
+    synthetic_train_size: int = 2000  # 'synthetic' data set: train images
+    synthetic_test_size: int = 500  # 'synthetic' data set: test images
+    epochs: int = 100  # passes over the training set
+    batch_size: int = 512  # images per optimizer step
+    eval_batch_size: int = 1024  # images per evaluation forward pass
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-5  # learning rate at the last step (cosine floor)
+    warmup_epochs: float = 5.0  # linear warm-up length (epochs, fractional allowed)
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms, biases, positions, tokens)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+    ema_decay: float = 0.999  # EMA of weights per step; 0 = off
+    tta: bool = True  # horizontal-flip test-time augmentation at evaluation
+    log_every: int = 50  # steps between progress-bar updates (host syncs only here)
+    checkpoint_minutes: float = 10.0  # also write last.pt every N minutes inside an epoch
+    seed: int = 0  # RNG seed for init, data order and augmentation
+    device: str | None = None  # None = auto (cuda > mps > cpu)
+    precision: str = "auto"  # 'auto' | 'bf16' | 'fp16' | 'fp32'
+    compile: bool | None = None  # None = on only where torch.compile works (CUDA, Triton)
+    resume: bool = True  # continue from out_dir/last.pt when it exists
+    fresh: bool = False  # ignore (and move aside) an existing or corrupt last.pt and start over
+    stop_after_epochs: int | None = None  # stop early after this many epochs in this call (tests, time-boxing)
+    report_plots: bool = True  # draw and save plots at the end
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "custom"  # name of the preset this config was built from
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        train = dict(data["train"])
+        train["betas"] = tuple(train["betas"])
+        return cls(ModelConfig(**data["model"]), AugmentConfig(**data["augment"]), TrainConfig(**train), data.get("preset", "custom"))
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def register_preset(function: Callable[[], Config]) -> Callable[[], Config]:
+    """Decorator: register a preset factory under its function name."""
+    PRESETS[function.__name__] = function
+    return function
+
+
+@register_preset
+def seed() -> Config:
+    """The seed write-up's final model and recipe (reported 88% as best-epoch test accuracy)."""
+    model = ModelConfig(
+        patch_size=4, tokenizer="spt", dim=768, depth=12, heads=4, mlp_dim=1536,
+        dropout=0.3, embed_dropout=0.3, drop_path=0.0, pool="cls",
+    )
+    augment = AugmentConfig(trivial_augment=False, mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0, label_smoothing=0.0)
+    train = TrainConfig(
+        epochs=200, batch_size=128, lr=6e-4, min_lr=1e-6, warmup_epochs=30, weight_decay=0.3,
+        betas=(0.9, 0.999), eps=1e-8, grad_clip=0.0, ema_decay=0.0, tta=False,
+    )
+    return Config(model, augment, train, "seed")
+
+
+@register_preset
+def fast() -> Config:
+    """Shortest time to high accuracy: 384x7 ViT, patch 4, strong GPU augmentation, 60 epochs."""
+    model = ModelConfig(dim=384, depth=7, heads=6, mlp_dim=1152, tokenizer="patch", drop_path=0.1, pool="cls")
+    augment = AugmentConfig(mix_off_epochs=5)
+    train = TrainConfig(epochs=60, batch_size=512, lr=2e-3, warmup_epochs=5, weight_decay=0.05)
+    return Config(model, augment, train, "fast")
+
+
+@register_preset
+def best() -> Config:
+    """Highest accuracy: SPT + LSA ViT 384x9, LayerScale, 300 epochs of strong augmentation."""
+    model = ModelConfig(
+        dim=384, depth=9, heads=12, mlp_dim=768, tokenizer="spt", lsa=True, drop_path=0.1,
+        layerscale=1e-4, pool="cls",
+    )
+    augment = AugmentConfig(mix_off_epochs=15)
+    train = TrainConfig(epochs=300, batch_size=512, lr=1e-3, warmup_epochs=10, weight_decay=0.05, ema_decay=0.9995)
+    return Config(model, augment, train, "best")
+
+
+@register_preset
+def smoke() -> Config:
+    """Tiny model on the synthetic data set: trains in seconds on a CPU (tests, CI, smoke runs)."""
+    model = ModelConfig(dim=64, depth=2, heads=2, mlp_dim=128, patch_size=8, drop_path=0.0)
+    augment = AugmentConfig(trivial_augment=False, mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0, label_smoothing=0.0)
+    train = TrainConfig(
+        dataset="synthetic", epochs=6, batch_size=64, eval_batch_size=256, lr=2e-3, warmup_epochs=1,
+        weight_decay=0.01, ema_decay=0.98, log_every=10, synthetic_train_size=2000, synthetic_test_size=500,
+    )
+    return Config(model, augment, train, "smoke")
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _field_owner(config: Config) -> dict[str, object]:
+    owner: dict[str, object] = {}
+    for part in (config.model, config.augment, config.train):
+        for item in dataclasses.fields(part):
+            assert item.name not in owner, f"field {item.name} appears in two config sections"
+            owner[item.name] = part
+    return owner
+
+
+def build_config(preset: str = "fast", **overrides: Any) -> Config:
+    """Build a preset and apply flat overrides (names case-insensitive; None = keep the preset's value).
+
+    Args:
+        preset: one of PRESETS ('seed', 'fast', 'best', 'smoke').
+        overrides: any field of ModelConfig, AugmentConfig or TrainConfig, e.g. EPOCHS=10, dim=256.
+    Returns:
+        The Config. Unknown presets or names raise ValueError naming the closest valid ones.
+    """
+    name = str(preset).lower()
+    if name not in PRESETS:
+        hint = difflib.get_close_matches(name, PRESETS, n=1)
+        raise ValueError(f"Unknown PRESET={preset!r}. Choose one of {sorted(PRESETS)}" + (f" (did you mean {hint[0]!r}?)" if hint else "."))
+    config = PRESETS[name]()
+    owner = _field_owner(config)
+    for key, value in overrides.items():
+        field_name = key.lower()
+        if field_name not in owner:
+            hint = difflib.get_close_matches(field_name, owner, n=1)
+            raise ValueError(f"Unknown parameter {key!r}" + (f"; did you mean {hint[0].upper()!r}?" if hint else f". Valid names: {sorted(owner)}"))
+        if value is not None:
+            if field_name == "betas":
+                value = tuple(value)
+            setattr(owner[field_name], field_name, value)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Raise ValueError with a fix for settings that cannot work together."""
+    model, train = config.model, config.train
+    checks = [
+        (model.tokenizer in ("patch", "spt", "conv"), f"tokenizer={model.tokenizer!r}: use 'patch', 'spt' or 'conv'."),
+        (model.pool in ("cls", "mean", "seqpool"), f"pool={model.pool!r}: use 'cls', 'mean' or 'seqpool'."),
+        (model.pos_embed in ("learned", "sincos"), f"pos_embed={model.pos_embed!r}: use 'learned' or 'sincos'."),
+        (model.dim % model.heads == 0, f"dim={model.dim} is not divisible by heads={model.heads}."),
+        (model.image_size % model.patch_size == 0, f"image_size={model.image_size} is not a multiple of patch_size={model.patch_size}."),
+        (train.dataset in ("cifar10", "synthetic"), f"dataset={train.dataset!r}: use 'cifar10' or 'synthetic'."),
+        (train.epochs >= 1, f"epochs={train.epochs}: must be at least 1."),
+        (train.batch_size >= 1, f"batch_size={train.batch_size}: must be at least 1."),
+        (train.lr > 0, f"lr={train.lr}: must be positive."),
+        (train.precision in ("auto", "bf16", "fp16", "fp32"), f"precision={train.precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,63 @@
+"""Evaluation on device-resident uint8 images: accuracy, loss, predictions, optional flip TTA."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbhelpers.platform import Runtime
+from nbhelpers.vit.augment import normalize
+from nbhelpers.vit.config import Config
+from nbhelpers.vit.data import DataSplits
+
+
+@dataclass
+class Evaluation:
+    accuracy: float  # top-1, fraction
+    loss: float  # mean cross-entropy
+    predictions: np.ndarray  # (N,) int64
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, batch_size: int, tta: bool = False) -> Evaluation:
+    """Accuracy and loss of `model` on uint8 (N, 3, H, W) device images; `tta` averages with the mirror image."""
+    model.eval()
+    predictions, loss_sum = [], torch.zeros((), device=images.device)
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start:start + batch_size])
+        with runtime.autocast():
+            logits = model(batch).float()
+            if tta:
+                logits = (logits.softmax(-1) + model(batch.flip(-1)).float().softmax(-1)).log()
+        loss_sum += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum")
+        predictions.append(logits.argmax(-1))
+    predicted = torch.cat(predictions)
+    accuracy = (predicted == labels).float().mean().item()
+    return Evaluation(accuracy, loss_sum.item() / len(images), predicted.cpu().numpy())
+
+
+def evaluate_epoch(state, tensors: dict[str, torch.Tensor], runtime: Runtime, config: Config) -> dict[str, float]:
+    """Per-epoch test (and validation) accuracy of the raw and EMA weights, no TTA."""
+    metrics: dict[str, float] = {}
+    splits = [("test", "test")] + ([("val", "val")] if len(tensors["val_labels"]) else [])
+    for name, key in splits:
+        raw = evaluate(state.model, tensors[f"{key}_images"], tensors[f"{key}_labels"], runtime, config.train.eval_batch_size)
+        metrics[f"{name}_accuracy"], metrics[f"{name}_loss"] = raw.accuracy, raw.loss
+        if state.ema is not None:
+            ema = evaluate(state.ema.module, tensors[f"{key}_images"], tensors[f"{key}_labels"], runtime, config.train.eval_batch_size)
+            metrics[f"ema_{name}_accuracy"] = ema.accuracy
+    state.model.train()
+    return metrics
+
+
+def to_device(data: DataSplits, device: torch.device) -> dict[str, torch.Tensor]:
+    """uint8 (N, 3, H, W) images and int64 labels on the device: the whole data set lives there."""
+    tensors = {}
+    for split in ("train", "val", "test"):
+        images = getattr(data, f"{split}_images")
+        tensors[f"{split}_images"] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+        tensors[f"{split}_labels"] = torch.from_numpy(getattr(data, f"{split}_labels").astype(np.int64)).to(device)
+    return tensors

@@ -1,0 +1,309 @@
+"""`fit(config)`: train a ViT on CIFAR-10 with the data and augmentation on the device, resumably.
+
+The loop never synchronises with the host except every `log_every` steps (progress bar, NaN check)
+and at epoch ends (evaluation, checkpoint).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from nbhelpers.platform import Runtime, ensure_writable_dir, resolve_paths, select_runtime
+from nbhelpers.vit import checkpoint as ckpt
+from nbhelpers.vit.augment import GpuAugment
+from nbhelpers.vit.config import Config
+from nbhelpers.vit.data import DataSplits, load_data
+from nbhelpers.vit.evaluate import evaluate_epoch, to_device
+from nbhelpers.vit.model import VisionTransformer
+
+# ----------------------------------------------------------------------------- schedule + EMA
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:
+    """Linear warm-up from 0 to `peak_lr` over `warmup_steps`, then cosine to `min_lr` at the last step.
+
+    Args:
+        step: 0-based optimizer step about to be taken.
+    Returns:
+        The learning rate for that step.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class ModelEma(nn.Module):
+    """Exponential moving average of a model's weights, updated on the device without host syncs."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_values = list(self.module.state_dict().values())
+        model_values = list(model.state_dict().values())
+        floats = [(e, m) for e, m in zip(ema_values, model_values) if e.dtype.is_floating_point]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - self.decay)
+
+
+def build_optimizer(model: VisionTransformer, config: Config, runtime: Runtime) -> torch.optim.AdamW:
+    """AdamW with no weight decay on norms, biases, positions and tokens; fused on CUDA."""
+    skip = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
+    train = config.train
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, fused=runtime.is_cuda)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything the loop mutates; saved whole in last.pt."""
+
+    model: VisionTransformer
+    ema: ModelEma | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_accuracy: float = -1.0
+    train_seconds: float = 0.0
+
+    def payload(self, config: Config) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "step": self.step,
+            "history": self.history, "best_val_accuracy": self.best_val_accuracy,
+            "train_seconds": self.train_seconds, "config": config.to_dict(),
+        }
+
+    def load(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.module.load_state_dict(payload["ema"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        ckpt.restore_rng_state(payload["rng"])
+        self.step, self.history = payload["step"], payload["history"]
+        self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
+
+
+def build_state(config: Config, runtime: Runtime, steps_per_epoch: int) -> TrainState:
+    torch.manual_seed(config.train.seed)
+    model = VisionTransformer(config.model).to(runtime.device)
+    ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
+    optimizer = build_optimizer(model, config, runtime)
+    train = config.train
+    total, warmup = train.epochs * steps_per_epoch, round(train.warmup_epochs * steps_per_epoch)
+    schedule = lambda step: lr_at(step, total, warmup, train.lr, train.min_lr) / train.lr  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
+    return TrainState(model, ema, optimizer, scheduler, scaler)
+
+
+def restore_or_start(state: TrainState, config: Config, out_dir: Path) -> None:
+    """Resume from last.pt when allowed; FRESH moves old checkpoints aside instead of deleting them."""
+    last = out_dir / "last.pt"
+    if config.train.fresh:
+        for name in ("last.pt", "best.pt"):
+            moved = ckpt.move_aside(out_dir / name)
+            if moved:
+                print(f"FRESH=True: moved {name} aside to {moved.name}")
+        return
+    if not last.exists():
+        return
+    if not config.train.resume:
+        raise ckpt.CheckpointError(f"{last} exists and RESUME=False. Set RESUME=True to continue it, FRESH=True to start over, or choose another OUT_DIR.")
+    payload = ckpt.load_checkpoint(last)
+    ckpt.check_compatible(payload["config"], config.to_dict(), last)
+    state.load(payload)
+    print(f"Resumed from {last} at step {state.step} (epoch {len(state.history)}).")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+@dataclass
+class FitResult:
+    """What `fit` hands to the report and the notebook."""
+
+    config: Config
+    out_dir: Path
+    status: str  # "finished" | "stopped" (stop_after_epochs reached)
+    step: int  # optimizer steps taken in total (across resumes)
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]  # run_summary.json content ({} when stopped early)
+    model: VisionTransformer | None = None  # the weights the final accuracy was measured with (EMA if on)
+    data: DataSplits | None = None
+    final_predictions: np.ndarray | None = None  # (N_test,) predictions of `model` (with TTA if on)
+
+
+def check_batch_size(config: Config, data: DataSplits) -> None:
+    count = len(data.train_images)
+    if config.train.batch_size > count:
+        raise ValueError(f"BATCH_SIZE={config.train.batch_size} is larger than the {count} training images. Set BATCH_SIZE <= {count}.")
+
+
+def epoch_order(seed: int, epoch: int, count: int, device: torch.device) -> torch.Tensor:
+    """The epoch's shuffle depends only on (seed, epoch), so a mid-epoch resume sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator).to(device)
+
+
+def make_train_step(state: TrainState, augment: GpuAugment, runtime: Runtime, config: Config):
+    network = torch.compile(state.model) if runtime.compile else state.model
+    parameters = [p for p in state.model.parameters() if p.requires_grad]
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor, mix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = augment(images, labels, mix=mix)  # (B, 3, H, W) float, (B, C) soft targets
+        with runtime.autocast():
+            logits = network(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if config.train.grad_clip > 0:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, config.train.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update(state.model)
+        correct = (logits.argmax(-1) == targets.argmax(-1)).sum()
+        return loss.detach(), correct
+
+    return train_step
+
+
+def check_finite(loss_sum: torch.Tensor, state: TrainState, out_dir: Path) -> None:
+    if not torch.isfinite(loss_sum).item():
+        raise FloatingPointError(
+            f"Training loss became {loss_sum.item()} at step {state.step}. The last good checkpoint {out_dir / 'last.pt'} is kept. "
+            "Lower LR, keep GRAD_CLIP > 0, or set PRECISION='fp32', then run again (FRESH=True to restart from scratch)."
+        )
+
+
+def save_last(state: TrainState, config: Config, out_dir: Path) -> None:
+    ckpt.atomic_torch_save(state.payload(config), out_dir / "last.pt")
+
+
+def save_best(state: TrainState, config: Config, out_dir: Path, epoch: int) -> None:
+    payload = {"model": state.model.state_dict(), "ema": state.ema.module.state_dict() if state.ema else None,
+               "config": config.to_dict(), "epoch": epoch, "step": state.step, "val_accuracy": state.best_val_accuracy}
+    ckpt.atomic_torch_save(payload, out_dir / "best.pt")
+
+
+def train_one_epoch(state: TrainState, train_step, config: Config, tensors: dict[str, torch.Tensor], out_dir: Path, bar: tqdm) -> dict[str, Any]:
+    """Finish the epoch `state.step` is in; return its training record (loss, accuracy, speed)."""
+    train = config.train
+    count = len(tensors["train_labels"])
+    steps_per_epoch = count // train.batch_size
+    epoch, offset = divmod(state.step, steps_per_epoch)
+    order = epoch_order(train.seed, epoch, count, tensors["train_labels"].device)
+    mix = epoch < train.epochs - config.augment.mix_off_epochs
+    loss_sum = torch.zeros((), device=order.device)
+    correct_sum = torch.zeros((), device=order.device, dtype=torch.long)
+    window_start, window_steps, epoch_start, last_save = time.perf_counter(), 0, time.perf_counter(), time.monotonic()
+    for index in range(offset, steps_per_epoch):
+        batch = order[index * train.batch_size:(index + 1) * train.batch_size]
+        loss, correct = train_step(tensors["train_images"][batch], tensors["train_labels"][batch], mix)
+        loss_sum += loss
+        correct_sum += correct
+        state.step, window_steps = state.step + 1, window_steps + 1
+        if window_steps == train.log_every or index == steps_per_epoch - 1:
+            check_finite(loss_sum, state, out_dir)  # the one host sync per logging window
+            done = index + 1 - offset
+            speed = window_steps * train.batch_size / (time.perf_counter() - window_start)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / done:.3f}", acc=f"{correct_sum.item() / (done * train.batch_size):.3f}",
+                            img_s=f"{speed:,.0f}", lr=f"{state.scheduler.get_last_lr()[0]:.2e}")
+            bar.update(window_steps)
+            window_start, window_steps = time.perf_counter(), 0
+            if time.monotonic() - last_save > train.checkpoint_minutes * 60 and index < steps_per_epoch - 1:
+                save_last(state, config, out_dir)  # wall-clock checkpoint inside long epochs
+                last_save = time.monotonic()
+    seconds, done = time.perf_counter() - epoch_start, steps_per_epoch - offset
+    state.train_seconds += seconds
+    return {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / done,
+            "train_accuracy": correct_sum.item() / (done * train.batch_size), "lr": state.scheduler.get_last_lr()[0],
+            "images_per_second": done * train.batch_size / seconds, "epoch_seconds": seconds, "mix": mix}
+
+
+def run_epochs(state: TrainState, config: Config, runtime: Runtime, tensors: dict[str, torch.Tensor], out_dir: Path) -> bool:
+    """Train from `state.step` to the end (or `stop_after_epochs`); return True when training is complete."""
+    train = config.train
+    total_steps = train.epochs * (len(tensors["train_labels"]) // train.batch_size)
+    train_step = make_train_step(state, GpuAugment(config.augment, config.model.num_classes), runtime, config)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    epochs_this_call = 0
+    state.model.train()
+    while state.step < total_steps:
+        record = train_one_epoch(state, train_step, config, tensors, out_dir, bar)
+        record.update(evaluate_epoch(state, tensors, runtime, config))
+        state.history.append(record)
+        tqdm.write(format_epoch(record, train.epochs))
+        if "val_accuracy" in record and record.get("ema_val_accuracy", record["val_accuracy"]) > state.best_val_accuracy:
+            state.best_val_accuracy = record.get("ema_val_accuracy", record["val_accuracy"])
+            save_best(state, config, out_dir, record["epoch"])
+        save_last(state, config, out_dir)
+        epochs_this_call += 1
+        if train.stop_after_epochs is not None and epochs_this_call >= train.stop_after_epochs and state.step < total_steps:
+            bar.close()
+            print(f"Stopped after {epochs_this_call} epoch(s) as asked (STOP_AFTER_EPOCHS); run again with the same OUT_DIR to resume.")
+            return False
+    bar.close()
+    return True
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.3f}", f"train {record['train_accuracy']:.3f}",
+             f"test {record['test_accuracy']:.4f}"]
+    parts += [f"{key.replace('_accuracy', '')} {record[key]:.4f}" for key in ("ema_test_accuracy", "val_accuracy", "ema_val_accuracy") if key in record]
+    parts.append(f"{record['images_per_second']:,.0f} img/s")
+    return " | ".join(parts)
+
+
+def fit(config: Config) -> FitResult:
+    """Train (or resume) the configured ViT, evaluate it and write the report files.
+
+    Args:
+        config: from `build_config(preset, **overrides)`.
+    Returns:
+        FitResult; `summary` is what run_summary.json holds once training finished.
+    """
+    from nbhelpers.vit import report
+
+    paths = resolve_paths("q1_vit", config.train.data_root, config.train.out_dir)
+    out_dir = ensure_writable_dir(paths.out_dir, "OUT_DIR")
+    runtime = select_runtime(config.train.device, config.train.precision, config.train.compile)
+    data = load_data(config.train, paths.data_root, out_dir / "cache")
+    check_batch_size(config, data)
+    print(f"data: {data.source} | train {len(data.train_labels)} val {len(data.val_labels)} test {len(data.test_labels)} | out: {out_dir}")
+    steps_per_epoch = len(data.train_labels) // config.train.batch_size
+    state = build_state(config, runtime, steps_per_epoch)
+    restore_or_start(state, config, out_dir)
+    tensors = to_device(data, runtime.device)
+    if not run_epochs(state, config, runtime, tensors, out_dir):
+        return FitResult(config, out_dir, "stopped", state.step, state.history, {})
+    if not (out_dir / "best.pt").exists() or len(data.val_labels) == 0:
+        save_best(state, config, out_dir, len(state.history))  # no validation split: best.pt = final weights
+    return report.finish(state, config, runtime, data, tensors, out_dir)
