@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides[name.strip()] = parse_value(value.strip())
         config = build_config(args.preset, **overrides)
         result = fit(config)
-    except (ValueError, FileNotFoundError, PermissionError, CheckpointError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # training diverged; last.pt holds the last good state
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if result.status == "finished":
         print(f"done: {result.out_dir / 'run_summary.json'}")
     return 0

@@ -121,6 +121,13 @@ def finish(state, config: Config, runtime: Runtime, data: DataSplits, tensors: d
 # ----------------------------------------------------------------------------- plots
 
 
+def _finished(result) -> bool:
+    if result.status != "finished":
+        print(f"Training stopped early at step {result.step}; run again with the same OUT_DIR to finish, then the plots are drawn.")
+        return False
+    return True
+
+
 def _finish_figure(figure, path: Path, show: bool):
     """Save the figure as PNG; display it inline when asked and running under IPython; free it."""
     import matplotlib.pyplot as plt
@@ -137,8 +144,10 @@ def _finish_figure(figure, path: Path, show: bool):
     return path
 
 
-def plot_curves(result, show: bool = True) -> Path:
+def plot_curves(result, show: bool = True) -> Path | None:
     """Loss, accuracy (train / test / EMA / val) and learning rate per epoch."""
+    if not _finished(result):
+        return None
     import matplotlib.pyplot as plt
 
     history = result.history
@@ -159,8 +168,10 @@ def plot_curves(result, show: bool = True) -> Path:
     return _finish_figure(figure, result.out_dir / "curves.png", show)
 
 
-def plot_confusion(result, show: bool = True) -> Path:
+def plot_confusion(result, show: bool = True) -> Path | None:
     """Confusion matrix of the reported model on the test set, row-normalised."""
+    if not _finished(result):
+        return None
     import matplotlib.pyplot as plt
 
     matrix = np.asarray(result.summary["confusion_matrix"], dtype=float)
@@ -178,8 +189,10 @@ def plot_confusion(result, show: bool = True) -> Path:
     return _finish_figure(figure, result.out_dir / "confusion.png", show)
 
 
-def plot_misclassified(result, count: int = 24, show: bool = True) -> Path:
+def plot_misclassified(result, count: int = 24, show: bool = True) -> Path | None:
     """A grid of test images the reported model got wrong, with true and predicted labels."""
+    if not _finished(result):
+        return None
     import matplotlib.pyplot as plt
 
     data, predictions = result.data, result.final_predictions
@@ -196,8 +209,10 @@ def plot_misclassified(result, count: int = 24, show: bool = True) -> Path:
     return _finish_figure(figure, result.out_dir / "misclassified.png", show)
 
 
-def plot_attention(result, count: int = 6, show: bool = True) -> Path:
+def plot_attention(result, count: int = 6, show: bool = True) -> Path | None:
     """Last-layer attention of the pooled output over the token grid, on a few test images."""
+    if not _finished(result):
+        return None
     import matplotlib.pyplot as plt
     from nbhelpers.vit.augment import normalize
 
@@ -229,6 +244,8 @@ def save_all_plots(result, show: bool = False) -> list[Path]:
 
 def results_table(result) -> str:
     """Markdown table: this run's final accuracy beside the seed write-up's best-epoch figure."""
+    if not _finished(result):
+        return "*(training not finished yet)*"
     summary = result.summary
     final = summary["final_test_accuracy"]
     best = summary["best_epoch_test_accuracy"]["ema"] or summary["best_epoch_test_accuracy"]["raw"]

@@ -1,0 +1,248 @@
+"""Save a Segmentation as mask.png, instances.png, overlay.png and detections.json, all or nothing.
+
+detections.json (masks as COCO run-length encoding, decodable with pycocotools or `decode_rle`):
+    {"image": {"height", "width", "source_file"?}, "prompt", "source",
+     "detections": [{"label", "score", "box_xyxy", "mask_score" (null when unknown), "area",
+                     "mask_rle": {"size": [H, W], "counts": str}}],
+     "models": {...}, "thresholds": {...}, "timings": {...}, "message"}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from nbhelpers.seg.render import instance_map, overlay, union_mask
+
+if TYPE_CHECKING:  # image.py imports torch and the models; drawing and saving need neither
+    from nbhelpers.seg.image import Segmentation
+
+OUTPUT_FILES = {"mask": "mask.png", "instances": "instances.png", "overlay": "overlay.png", "detections": "detections.json"}
+METADATA_KEYS = ("models", "thresholds", "source_file")
+TOP_LEVEL_KEYS = ("image", "prompt", "source", "detections", "models", "thresholds", "timings", "message")
+DETECTION_KEYS = ("label", "score", "box_xyxy", "mask_score", "area", "mask_rle")
+
+# ----------------------------------------------------------------------------- RLE
+
+
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+    """(N, H, W) bool masks -> N COCO RLE dicts with str counts (JSON-ready)."""
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}.")
+    if len(masks) == 0:
+        return []
+    # pycocotools wants (H, W, N) uint8 in Fortran (column-major) order.
+    encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in encoded]
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """COCO RLE dict (compressed str/bytes counts, or an uncompressed list of counts) -> (H, W) bool mask."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"an RLE must be a dict with 'size' and 'counts', got {type(rle).__name__}.")
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    else:
+        compressed = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(compressed).astype(bool)
+
+
+# ----------------------------------------------------------------------------- JSON document
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _to_json_value(value: Any) -> Any:
+    """numpy scalars/arrays and Paths -> plain JSON types; NaN/inf -> None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(key): _to_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_to_json_value(item) for item in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return _finite_or_none(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)  # e.g. a torch.device or dtype in the models metadata
+
+
+def build_detections(seg: Segmentation, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The detections.json document for `seg` (see the module docstring); `metadata` gives models/thresholds/source_file."""
+    unknown = set(metadata) - set(METADATA_KEYS)
+    if unknown:
+        raise ValueError(f"metadata has unknown keys {sorted(unknown)}; allowed: {list(METADATA_KEYS)}.")
+    height, width = (int(v) for v in seg.image_size)
+    image_info: dict[str, Any] = {"height": height, "width": width}
+    if metadata.get("source_file") is not None:
+        image_info["source_file"] = os.fspath(metadata["source_file"])
+    detections = []
+    for index, rle in enumerate(encode_masks(np.asarray(seg.masks, bool))):
+        detections.append({
+            "label": str(seg.labels[index]),
+            "score": round(float(seg.scores[index]), 6),
+            "box_xyxy": [round(float(v), 2) for v in seg.boxes[index]],
+            "mask_score": _finite_or_none(round(float(seg.mask_scores[index]), 6)),
+            "area": int(np.count_nonzero(seg.masks[index])),
+            "mask_rle": rle,
+        })
+    return {
+        "image": image_info, "prompt": seg.prompt, "source": seg.source, "detections": detections,
+        "models": _to_json_value(metadata.get("models", {})), "thresholds": _to_json_value(metadata.get("thresholds", {})),
+        "timings": _to_json_value(dict(seg.timings)), "message": seg.message,
+    }
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rle_area(rle: dict[str, Any]) -> int:
+    return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
+
+
+def _detection_problems(index: int, det: Any, size: list[int] | None) -> list[str]:
+    where = f"detections[{index}]"
+    if not isinstance(det, dict):
+        return [f"{where} must be an object"]
+    problems = [f"{where}.{key} is missing" for key in DETECTION_KEYS if key not in det]
+    if problems:
+        return problems
+    if not isinstance(det["label"], str):
+        problems.append(f"{where}.label must be a string")
+    if not (_is_number(det["score"]) and 0.0 <= det["score"] <= 1.0):
+        problems.append(f"{where}.score must be a number in [0, 1], got {det['score']!r}")
+    box = det["box_xyxy"]
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box) and box[0] <= box[2] and box[1] <= box[3]):
+        problems.append(f"{where}.box_xyxy must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {box!r}")
+    if det["mask_score"] is not None and not _is_number(det["mask_score"]):
+        problems.append(f"{where}.mask_score must be a number or null")
+    rle = det["mask_rle"]
+    if not (isinstance(rle, dict) and isinstance(rle.get("counts"), str) and rle.get("size") == size):
+        problems.append(f"{where}.mask_rle must be {{'size': {size}, 'counts': str}}")
+    elif not (isinstance(det["area"], int) and det["area"] == _rle_area(rle)):
+        problems.append(f"{where}.area {det['area']!r} does not match the mask's pixel count")
+    return problems
+
+
+def validate_detections(data: dict[str, Any]) -> None:
+    """Check a detections.json document; raise ValueError listing every problem found."""
+    if not isinstance(data, dict):
+        raise ValueError(f"detections.json must hold an object, got {type(data).__name__}.")
+    problems = [f"'{key}' is missing" for key in TOP_LEVEL_KEYS if key not in data]
+    if problems:
+        raise ValueError("detections.json schema: " + "; ".join(problems))
+    image = data["image"]
+    size = None
+    if not (isinstance(image, dict) and all(isinstance(image.get(k), int) and image[k] > 0 for k in ("height", "width"))):
+        problems.append("image must have positive integer 'height' and 'width'")
+    else:
+        size = [image["height"], image["width"]]
+        if "source_file" in image and not isinstance(image["source_file"], str):
+            problems.append("image.source_file must be a string")
+    problems += [f"'{key}' must be a string" for key in ("prompt", "source", "message") if not isinstance(data[key], str)]
+    problems += [f"'{key}' must be an object" for key in ("models", "thresholds", "timings") if not isinstance(data[key], dict)]
+    if isinstance(data["timings"], dict) and not all(_is_number(v) for v in data["timings"].values()):
+        problems.append("timings values must be numbers (seconds)")
+    if not isinstance(data["detections"], list):
+        problems.append("'detections' must be a list")
+    else:
+        for index, det in enumerate(data["detections"]):
+            problems += _detection_problems(index, det, size)
+    if problems:
+        raise ValueError("detections.json schema: " + "; ".join(problems))
+
+
+def load_detections(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a detections.json file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-run save_outputs to rewrite it.") from error
+    validate_detections(data)
+    return data
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _encode_png(image: np.ndarray, what: str) -> bytes:
+    ok, buffer = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode {what} as PNG.")
+    return buffer.tobytes()
+
+
+def _render_files(image_rgb: np.ndarray, seg: Segmentation, metadata: dict[str, Any]) -> dict[str, bytes]:
+    """Every output file's bytes, computed in memory before anything touches the disk."""
+    document = build_detections(seg, metadata)
+    validate_detections(document)
+    return {
+        "mask": _encode_png(union_mask(seg), "the union mask"),
+        "instances": _encode_png(instance_map(seg), "the instance map"),  # uint16 -> 16-bit PNG
+        "overlay": _encode_png(cv2.cvtColor(overlay(image_rgb, seg), cv2.COLOR_RGB2BGR), "the overlay"),
+        "detections": (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+    }
+
+
+def _write_temp(out_dir: Path, name: str, data: bytes) -> Path:
+    # A unique hidden name in the target folder, so os.replace stays a same-filesystem rename.
+    temp_path = out_dir / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temp_path, "xb") as file:
+            file.write(data)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return temp_path
+
+
+def save_outputs(image_rgb: np.ndarray, seg: Segmentation, out_dir: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, Path]:
+    """Write mask.png, instances.png, overlay.png and detections.json into `out_dir`, all or nothing.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB image `seg` was computed on.
+        seg: the Segmentation to save.
+        out_dir: output folder (created if needed).
+        metadata: {"models": {...}, "thresholds": {...}, "source_file": str | None}; each key optional.
+    Returns:
+        {"mask", "instances", "overlay", "detections"} -> written paths.
+    Raises:
+        PermissionError naming the fix when `out_dir` cannot be written. On any failure the files of a
+        previous run stay as they were and no partial new set is left behind.
+    """
+    from nbhelpers.platform import ensure_writable_dir  # platform imports torch; rendering needs none
+
+    contents = _render_files(image_rgb, seg, metadata)
+    out_dir = ensure_writable_dir(out_dir)
+    temporaries: dict[str, Path] = {}
+    try:
+        for key, data in contents.items():
+            temporaries[key] = _write_temp(out_dir, OUTPUT_FILES[key], data)
+        # Only renames inside one folder remain, after every byte is on disk.
+        for key, temp_path in temporaries.items():
+            os.replace(temp_path, out_dir / OUTPUT_FILES[key])
+    finally:
+        for temp_path in temporaries.values():
+            temp_path.unlink(missing_ok=True)
+    return {key: out_dir / name for key, name in OUTPUT_FILES.items()}

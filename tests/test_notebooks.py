@@ -1,0 +1,46 @@
+"""Both notebooks run end to end under papermill with smoke parameters (CPU, offline)."""
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def code_cells(name: str) -> list:
+    return [cell for cell in nbformat.read(REPO / name, as_version=4).cells if cell.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", ["q1_vit_cifar10.ipynb", "q2_text_segmentation.ipynb"])
+def test_notebook_is_thin_with_one_parameters_cell_after_the_imports(name):
+    cells = code_cells(name)
+    tagged = [i for i, cell in enumerate(cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert tagged == [1], f"{name}: exactly one cell tagged 'parameters', right after the imports cell"
+    for cell in cells:
+        assert not any(line.lstrip().startswith(("def ", "class ", "for ", "while ")) for line in cell.source.splitlines()), cell.source
+        assert "sys.path" not in cell.source
+        assert not cell.get("outputs"), f"{name}: commit the notebook with outputs cleared"
+    for line in cells[1].source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert line.split("=")[0].strip().isupper(), f"parameters must be flat UPPER_CASE literals: {line}"
+
+
+def run(name: str, out: Path, **parameters) -> dict:
+    executed = out / name
+    papermill.execute_notebook(str(REPO / name), str(executed), parameters=parameters, cwd=str(REPO), kernel_name="python3", progress_bar=False)
+    return nbformat.read(executed, as_version=4)
+
+
+def test_q1_notebook_runs_the_smoke_preset(tmp_path):
+    out_dir = tmp_path / "q1"
+    notebook = run("q1_vit_cifar10.ipynb", tmp_path, PRESET="smoke", OUT_DIR=str(out_dir), DEVICE="cpu", EPOCHS=4)
+    summary = json.loads((out_dir / "run_summary.json").read_text())
+    assert summary["preset"] == "smoke" and summary["epochs"] == 4
+    assert summary["final_test_accuracy"]["reported"] > 0.5, summary["final_test_accuracy"]
+    for png in ("curves.png", "confusion.png", "misclassified.png", "attention.png"):
+        assert (out_dir / png).stat().st_size > 0
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4, "plots are shown inline"
+    assert any("final test accuracy" in output.get("text", "") for output in outputs)

@@ -1,0 +1,120 @@
+"""Training end to end on the synthetic data set: accuracy, resume, checkpoints, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nbhelpers.vit.checkpoint import CheckpointError, load_checkpoint
+from nbhelpers.vit.config import build_config
+from nbhelpers.vit.train import fit, lr_at
+
+
+def smoke(tmp_path, **overrides):
+    return build_config("smoke", out_dir=str(tmp_path), device="cpu", report_plots=False, **overrides)
+
+
+def test_schedule_warmup_end_and_final_step():
+    total, warmup, peak, floor = 1000, 100, 1e-3, 1e-5
+    assert lr_at(0, total, warmup, peak, floor) == pytest.approx(peak / warmup)
+    assert lr_at(warmup - 1, total, warmup, peak, floor) == pytest.approx(peak)
+    assert lr_at(warmup, total, warmup, peak, floor) == pytest.approx(peak)
+    assert lr_at(total - 1, total, warmup, peak, floor) == pytest.approx(floor)
+    middle = lr_at(warmup + (total - 1 - warmup) // 2, total, warmup, peak, floor)
+    assert middle == pytest.approx((peak + floor) / 2, rel=0.01)
+    values = [lr_at(step, total, warmup, peak, floor) for step in range(warmup, total)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "cosine phase must not increase"
+
+
+def test_smoke_preset_learns_synthetic_data_and_writes_report(tmp_path):
+    result = fit(build_config("smoke", out_dir=str(tmp_path), device="cpu"))
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert result.status == "finished"
+    assert summary["final_test_accuracy"]["reported"] >= 0.80, summary["final_test_accuracy"]
+    assert summary["final_test_accuracy"]["raw"] == pytest.approx(summary["history"][-1]["test_accuracy"])
+    assert summary["epochs"] == 6 and summary["steps"] == 6 * (2000 // 64)
+    assert summary["parameters"] > 0 and summary["flops_per_image"] > 0 and summary["images_per_second"] > 0
+    assert len(summary["per_class_accuracy"]) == 10 and len(summary["confusion_matrix"]) == 10
+    assert sum(map(sum, summary["confusion_matrix"])) == summary["test_images"]
+    assert "chosen on the test set" in summary["best_epoch_test_accuracy"]["note"]
+    for name in ("last.pt", "best.pt", "curves.png", "confusion.png", "misclassified.png", "attention.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_resume_ends_with_the_same_steps_and_weights_as_an_uninterrupted_run(tmp_path):
+    whole = fit(smoke(tmp_path / "whole", epochs=3))
+    first = fit(smoke(tmp_path / "split", epochs=3, stop_after_epochs=1))
+    assert first.status == "stopped" and first.step == 2000 // 64 and first.summary == {}
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == first.step
+    second = fit(smoke(tmp_path / "split", epochs=3))
+    assert second.status == "finished" and second.step == whole.step == 3 * (2000 // 64)
+    assert [r["epoch"] for r in second.history] == [1, 2, 3]
+    assert second.summary["final_test_accuracy"] == whole.summary["final_test_accuracy"]
+    for a, b in zip(whole.model.state_dict().values(), second.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    again = fit(smoke(tmp_path / "split", epochs=3))  # a finished run re-run: nothing more is trained
+    assert again.step == whole.step
+
+
+def test_corrupt_checkpoint_is_refused_and_kept_until_fresh_is_asked(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="corrupt or truncated.*FRESH=True"):
+        fit(smoke(tmp_path, epochs=1))
+    assert (tmp_path / "last.pt").read_bytes() == b"PK\x03\x04 truncated"
+    result = fit(smoke(tmp_path, epochs=1, fresh=True))
+    assert result.status == "finished"
+    moved = list(tmp_path.glob("last.pt.old-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == b"PK\x03\x04 truncated"
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    fit(smoke(tmp_path, epochs=2, stop_after_epochs=1))
+    with pytest.raises(CheckpointError, match="different configuration.*dim"):
+        fit(smoke(tmp_path, epochs=2, dim=32))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from nbhelpers.vit import model as model_module
+
+    fit(smoke(tmp_path, epochs=3, stop_after_epochs=1))
+    good = (tmp_path / "last.pt").read_bytes()
+    original_forward = model_module.VisionTransformer.forward
+    # Simulate a divergence: the model starts returning NaN logits in training mode.
+    monkeypatch.setattr(model_module.VisionTransformer, "forward",
+                        lambda self, x: original_forward(self, x) * (float("nan") if self.training else 1.0))
+    with pytest.raises(FloatingPointError, match="nan.*last good checkpoint"):
+        fit(smoke(tmp_path, epochs=3))
+    assert (tmp_path / "last.pt").read_bytes() == good
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="BATCH_SIZE=5000 is larger than the 2000 training images"):
+        fit(smoke(tmp_path, batch_size=5000))
+
+
+def test_unwritable_out_dir_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="OUT_DIR"):
+        fit(smoke(tmp_path / "file" / "run"))
+
+
+def test_validation_split_selects_best_checkpoint(tmp_path):
+    result = fit(smoke(tmp_path, epochs=2, val_size=200))
+    assert all("val_accuracy" in r for r in result.history)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["val_accuracy"] == pytest.approx(max(r.get("ema_val_accuracy", r["val_accuracy"]) for r in result.history))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nbhelpers.vit", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_headless_and_reports_bad_input(tmp_path):
+    done = run_cli("--preset", "smoke", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu", "--no-plots", "--set", "dim=32")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run_summary.json").read_text())["config"]["model"]["dim"] == 32
+    unknown = run_cli("--preset", "huge")
+    assert unknown.returncode == 2 and "Unknown PRESET" in unknown.stderr and "Traceback" not in unknown.stderr
+    bad_name = run_cli("--preset", "smoke", "--set", "depht=3")
+    assert bad_name.returncode == 2 and "did you mean 'DEPTH'" in bad_name.stderr
