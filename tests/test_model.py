@@ -1,0 +1,161 @@
+"""VisionTransformer: shapes for every configuration, attention maps, weight-decay groups, training signal."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbhelpers.vit.config import ModelConfig
+from nbhelpers.vit.model import VisionTransformer
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(image_size=32, num_classes=10, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, drop_path=0.0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def expected_patches(config: ModelConfig) -> int:
+    if config.tokenizer == "conv":
+        return (config.image_size // 2 ** config.conv_layers) ** 2
+    return (config.image_size // config.patch_size) ** 2
+
+
+COMBINATIONS = list(itertools.product(
+    ("patch", "spt", "conv"), ("cls", "mean", "seqpool"), ("learned", "sincos"), (False, True), (None, 1e-4)
+))
+
+
+@pytest.mark.parametrize("tokenizer,pool,pos_embed,lsa,layerscale", COMBINATIONS)
+def test_shapes_for_every_configuration(tokenizer, pool, pos_embed, lsa, layerscale):
+    config = tiny(tokenizer=tokenizer, pool=pool, pos_embed=pos_embed, lsa=lsa, layerscale=layerscale)
+    model = VisionTransformer(config)
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.forward_features(x)
+    n = expected_patches(config) + (1 if pool == "cls" else 0)
+    assert tokens.shape == (3, n, 32) and model.num_tokens == n
+    assert model.pool(tokens).shape == (3, 32)
+    logits = model(x)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+
+
+def test_conv_tokenizer_token_count_follows_conv_layers():
+    for layers, side in ((1, 16), (2, 8), (3, 4)):
+        model = VisionTransformer(tiny(tokenizer="conv", conv_layers=layers, pool="mean"))
+        assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[1] == side * side
+
+
+def test_shifted_patch_tokenizer_sees_its_shifted_copies():
+    # A token's features change when a pixel just outside its patch changes (the half-patch shifts bring it in).
+    model = VisionTransformer(tiny(tokenizer="spt", pool="mean")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[0, :, 0, 9] += 5.0  # column 9 belongs to the second patch; shifted by 4 it reaches the first
+    first_token = lambda images: model.tokenizer(images)[0, 0]
+    assert not torch.allclose(first_token(x), first_token(y))
+
+
+@pytest.mark.parametrize("lsa", [False, True])
+def test_attention_maps_are_probabilities_and_match_forward(lsa):
+    model = VisionTransformer(tiny(lsa=lsa, attn_dropout=0.5)).train()
+    x = torch.randn(2, 3, 32, 32)
+    maps = model.attention_maps(x, layer=-1)
+    assert maps.shape == (2, 2, model.num_tokens, model.num_tokens)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, model.num_tokens), atol=1e-5)
+    diagonal = maps.diagonal(dim1=-2, dim2=-1)
+    assert (diagonal == 0).all() if lsa else (diagonal > 0).all()
+    assert model.training, "attention_maps must restore training mode"
+    # The explicit probabilities reproduce the SDPA path of the same block.
+    model.eval()
+    block = model.blocks[0]
+    tokens = block.norm1(model.embed(x))
+    _, _, v = block.attn.split_heads(tokens)
+    manual = block.attn.probabilities(tokens) @ v  # (B, heads, N, head_dim)
+    manual = block.attn.proj(manual.transpose(1, 2).reshape(2, model.num_tokens, 32))
+    assert torch.allclose(block.attn(tokens), manual, atol=1e-5)
+
+
+def test_lsa_scale_starts_at_standard_value_and_is_learned():
+    model = VisionTransformer(tiny(lsa=True))
+    scale = model.blocks[0].attn.log_scale
+    assert torch.isclose(scale.exp(), torch.tensor(16 ** -0.5))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert scale.grad is not None and scale.grad.abs() > 0
+
+
+def test_no_weight_decay_names():
+    model = VisionTransformer(tiny(lsa=True, layerscale=1e-4, pool="cls"))
+    excluded = model.no_weight_decay()
+    names = dict(model.named_parameters())
+    assert {"cls_token", "pos_embed", "norm.weight", "norm.bias", "head.bias", "blocks.0.attn.log_scale",
+            "blocks.1.scale1.gamma", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= excluded
+    assert excluded <= set(names)
+    decayed = set(names) - excluded
+    assert {"head.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.0.weight", "tokenizer.proj.weight"} <= decayed
+    assert all(names[name].ndim >= 2 for name in decayed)
+    sincos = VisionTransformer(tiny(pos_embed="sincos", pool="mean"))
+    assert "pos_embed" not in dict(sincos.named_parameters())  # a fixed buffer, not trained
+
+
+@pytest.mark.parametrize("tokenizer,pool", list(itertools.product(("patch", "spt", "conv"), ("cls", "mean", "seqpool"))))
+def test_gradients_reach_every_parameter(tokenizer, pool):
+    model = VisionTransformer(tiny(tokenizer=tokenizer, pool=pool, lsa=True, layerscale=0.1))
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_drop_path_schedule_and_train_eval_behaviour():
+    model = VisionTransformer(tiny(depth=3, drop_path=0.5))
+    assert [block.drop_path.drop_prob for block in model.blocks] == pytest.approx([0.0, 0.25, 0.5])
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(x), model(x))
+
+
+def test_bad_input_size_raises_with_message():
+    model = VisionTransformer(tiny())
+    with pytest.raises(AssertionError, match=r"image_size=64"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        VisionTransformer(tiny(dim=30, heads=4))
+    with pytest.raises(ValueError, match="sincos"):
+        VisionTransformer(tiny(dim=34, heads=2, pos_embed="sincos"))
+
+
+def test_init_is_timm_style():
+    model = VisionTransformer(tiny(dim=64, mlp_dim=256))
+    weight = model.blocks[0].mlp[0].weight
+    assert 0.017 < weight.std().item() < 0.023 and abs(weight.mean().item()) < 0.002  # trunc_normal_(std=0.02) as timm
+    assert (model.blocks[0].mlp[0].bias == 0).all() and (model.norm.weight == 1).all()
+
+
+def test_compiles_without_graph_breaks_and_runs_under_autocast():
+    model = VisionTransformer(tiny(tokenizer="spt", lsa=True, layerscale=1e-4, drop_path=0.1)).train()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    assert compiled(x).shape == (2, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_tiny_model_overfits_a_batch():
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny(image_size=16, patch_size=4, dim=32, mlp_dim=64, heads=2))
+    images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(50):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert (model(images).argmax(1) == labels).float().mean() == 1.0
