@@ -118,3 +118,13 @@ def test_cli_trains_headless_and_reports_bad_input(tmp_path):
     assert unknown.returncode == 2 and "Unknown PRESET" in unknown.stderr and "Traceback" not in unknown.stderr
     bad_name = run_cli("--preset", "smoke", "--set", "depht=3")
     assert bad_name.returncode == 2 and "did you mean 'DEPTH'" in bad_name.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_train(tmp_path, precision):
+    # GPUs pick bf16 (sm_80+) or fp16 + GradScaler (sm_7x); the same code paths run here under CPU autocast.
+    result = fit(smoke(tmp_path, epochs=1, precision=precision, synthetic_train_size=640, synthetic_test_size=128))
+    assert result.status == "finished"
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert result.summary["final_test_accuracy"]["raw"] > 0.1
+    assert ("fp16" in result.summary["device"]) == (precision == "fp16")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 class ModelConfig:
     image_size: int = 32  # input side (px)
     num_classes: int = 10  # output classes
-    patch_size: int = 4  # patch side (px) for the 'patch' and 'spt' tokenizers; total stride of 'conv'
+    patch_size: int = 4  # patch side (px) for the 'patch' and 'spt' tokenizers (the 'conv' stem ignores it)
     tokenizer: str = "patch"  # 'patch' (Conv2d k=s=patch) | 'spt' (shifted patch tokenization) | 'conv' (CCT stem)
     conv_layers: int = 2  # 'conv' tokenizer: number of conv-relu-maxpool stages (each halves the side)
     dim: int = 384  # token width

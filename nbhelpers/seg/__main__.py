@@ -1,0 +1,142 @@
+"""Command line: text-prompted segmentation of an image or a folder of images.
+
+    python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR
+        [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
+        [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
+
+Writes DIR/<image stem>/{mask.png, instances.png, overlay.png, detections.json} per image.
+Exit codes: 0 done (also when nothing was found), 2 bad input (missing file, empty prompt, bad model path,
+unreadable image: the others are still written), 1 unexpected error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on stderr instead of usage + message
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM
+
+    parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
+                     "(CLIPSeg fallback) for an image or every image of a folder.")
+    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images")
+    parser.add_argument("--prompt", required=True, help='objects to find, e.g. "a cat. a remote" or "cat, dog"')
+    parser.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per image)")
+    parser.add_argument("--box-threshold", type=_threshold, default=0.35, help="GroundingDINO box score minimum")
+    parser.add_argument("--text-threshold", type=_threshold, default=0.25, help="GroundingDINO phrase score minimum")
+    parser.add_argument("--clipseg-threshold", type=_threshold, default=0.4, help="CLIPSeg fallback probability cut")
+    parser.add_argument("--nms-iou", type=_threshold, default=0.5, help="per-label NMS overlap limit")
+    parser.add_argument("--multimask", action="store_true", help="SAM: best of three masks per box")
+    parser.add_argument("--dino", default=DEFAULT_DINO, help="GroundingDINO hub id, 'tiny'/'base' or local folder")
+    parser.add_argument("--sam", default=DEFAULT_SAM, help="SAM 2.1 hub id, tiny/small/base-plus/large or folder")
+    parser.add_argument("--clipseg", default=DEFAULT_CLIPSEG, help="CLIPSeg hub id or local folder")
+    parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    return parser
+
+
+def _output_folder(out: Path, name: str, used: set[str]) -> Path:
+    """OUT/<stem>; a second image with the same stem (a.jpg, a.png) gets OUT/<stem>_<ext>."""
+    stem = Path(name).stem or "image"
+    folder = stem if stem not in used else f"{stem}_{Path(name).suffix.lstrip('.') or len(used)}"
+    while folder in used:
+        folder += "_"
+    used.add(folder)
+    return out / folder
+
+
+class BadInput(Exception):
+    """Input the user can fix (exit code 2)."""
+
+
+def _prepare(args: argparse.Namespace):
+    """Check the inputs cheaply first, then load the models; any problem here is the user's to fix."""
+    from nbhelpers.platform import ensure_writable_dir, select_runtime
+    from nbhelpers.seg.image import IMAGE_EXTENSIONS, list_image_files, normalize_prompt
+    from nbhelpers.seg.models import ModelLoadError, load_models, resolve_model_source
+
+    try:
+        source = Path(args.images).expanduser()
+        if not source.exists():
+            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file or a folder of images)")
+        if source.is_dir() and not list_image_files(source):
+            raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        normalize_prompt(args.prompt)  # an empty prompt fails here, before minutes of model loading
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        ensure_writable_dir(args.out, "--out")
+        select_runtime(args.device, verbose=False)  # "cuda" without a GPU fails here
+        for model, kind in ((args.dino, "grounding-dino"), (args.sam, "sam2"), (args.clipseg, "clipseg")):
+            resolve_model_source(model, kind)  # a mistyped folder fails before the other models download
+        print(f"loading models: {args.dino} | {args.sam} | {args.clipseg}", flush=True)
+        models = load_models(args.dino, args.sam, args.clipseg, device=args.device)
+    except (FileNotFoundError, PermissionError, ValueError, ModelLoadError, RuntimeError) as error:
+        raise BadInput(str(error)) from error
+    return source, models
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment and save every image; returns the exit code."""
+    from nbhelpers.seg.export import save_outputs
+    from nbhelpers.seg.image import iter_segmentations
+
+    source, models = _prepare(args)
+    thresholds = {"box_threshold": args.box_threshold, "text_threshold": args.text_threshold,
+                  "clipseg_threshold": args.clipseg_threshold, "nms_iou": args.nms_iou, "multimask": args.multimask}
+    unreadable: list[str] = []
+
+    def report_unreadable(name: str, error: Exception) -> None:
+        unreadable.append(name)
+        print(f"error: skipped {name}: {error}", file=sys.stderr)
+
+    used: set[str] = set()
+    for name, image, seg in iter_segmentations(source, args.prompt, models, **thresholds, batch_size=args.batch_size,
+                                               on_unreadable=report_unreadable):
+        folder = _output_folder(args.out, name, used)
+        metadata = {"models": models.describe(), "thresholds": thresholds,
+                    "source_file": str(source / name if source.is_dir() else source)}
+        save_outputs(image, seg, folder, metadata)
+        note = "" if len(seg) else f" -- {seg.message}"
+        print(f"{name}: {seg.summary()} -> {folder}{note}", flush=True)
+    return EXIT_BAD_INPUT if unreadable else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help (0) or a usage error (2, already printed on one line)
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_BAD_INPUT
+    try:
+        return run(args)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - anything else is a bug: show where
+        traceback.print_exc()
+        print(f"error: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

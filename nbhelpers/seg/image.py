@@ -1,0 +1,375 @@
+"""Text prompt -> GroundingDINO boxes -> SAM 2.1 masks on still images, with a CLIPSeg fallback."""
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.ops import batched_nms
+from tqdm.auto import tqdm
+
+from nbhelpers.seg.models import (Detections, SegmentationModels, clipseg_probabilities, max_prompt_tokens,
+                                  run_grounding_dino, sam2_image_embeddings, sam2_masks_for_boxes)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Segmentation:
+    """Result for one image; everything at the original image resolution."""
+
+    boxes: np.ndarray  # (N, 4) float32, xyxy in original-image pixels
+    scores: np.ndarray  # (N,) float32 detection scores (CLIPSeg fallback: mean probability inside the region)
+    labels: list[str]  # (N,) phrases matched to each box
+    masks: np.ndarray  # (N, H, W) bool
+    mask_scores: np.ndarray  # (N,) float32 SAM predicted IoU (fallback without SAM refinement: NaN)
+    source: str  # "grounding-dino" | "clipseg-fallback" | "none"
+    image_size: tuple[int, int]  # (H, W) of the original image
+    prompt: str  # normalised prompt, e.g. "cat. dog."
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    message: str = ""  # human-readable note (e.g. why nothing was found)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int], prompt: str, message: str, timings: dict[str, float] | None = None) -> "Segmentation":
+        height, width = image_size
+        return cls(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [], np.zeros((0, height, width), bool),
+            np.zeros(0, np.float32), "none", image_size, prompt, timings or {}, message,
+        )
+
+    def summary(self) -> str:
+        """One line: how many objects of which label, from which stage."""
+        counts = {label: self.labels.count(label) for label in dict.fromkeys(self.labels)}
+        found = ", ".join(f"{count}x {label!r}" for label, count in counts.items()) or "nothing"
+        return f"{found} ({self.source}, {self.timings.get('total', 0.0):.2f} s)"
+
+
+# ----------------------------------------------------------------------------- image loading
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """Grayscale / RGB / RGBA array of any common dtype -> (H, W, 3) uint8 RGB."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"image array has shape {array.shape}; expected (H, W), (H, W, 3) or (H, W, 4).")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):  # floats in [0, 1] (or already 0..255)
+        scale = 255.0 if np.nanmax(array) <= 1.0 else 1.0
+        array = np.clip(np.nan_to_num(array) * scale + 0.5, 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:  # 16-bit (and 32-bit "I" images holding 16-bit data): full range -> 0..255
+        array = (np.clip(array.astype(np.float32), 0, 65535) / 257.0 + 0.5).astype(np.uint8)
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if array.shape[2] == 4:  # composite on white: transparent areas become white, not black
+        alpha = array[:, :, 3:].astype(np.float32) / 255.0
+        return (array[:, :, :3] * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)  # phone photos store rotation as an EXIF tag
+    if image.mode in ("RGB", "L", "RGBA") or image.mode.startswith("I") or image.mode == "F":
+        return _array_to_rgb(np.asarray(image))
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:  # P, PA, LA, La, RGBa
+        return _array_to_rgb(np.asarray(image.convert("RGBA")))
+    return _array_to_rgb(np.asarray(image.convert("RGB")))  # CMYK, YCbCr, LAB, HSV, 1, P
+
+
+def load_image(source: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
+    """Read an image file (or take an array / PIL image) as RGB uint8.
+
+    Handles grayscale, RGBA (composited on white), 16-bit (scaled to 8-bit), CMYK and palette images, and
+    applies the EXIF orientation.
+    Args:
+        source: file path, numpy array (H, W[, C]) or PIL image.
+    Returns:
+        (H, W, 3) uint8 RGB array.
+    Raises:
+        FileNotFoundError: the file does not exist. ValueError: it is not a readable image.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {str(path)!r} (check the path; folders are listed with segment_images)")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so truncated files fail here and not later
+            return _pil_to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"cannot read image {str(path)!r}: {error}. Re-export or re-download it as a complete PNG/JPEG "
+            f"(for a very large photo: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS)."
+        ) from error
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside `folder` (by extension), sorted by name."""
+    return sorted(path for path in Path(folder).iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def prompt_phrases(prompt: str | Sequence[str]) -> list[str]:
+    """Split a prompt into lower-case, unique phrases: "Cat, a dog." or ["cat", "a dog"] -> ["cat", "a dog"]."""
+    parts = [prompt] if isinstance(prompt, str) else list(prompt)
+    phrases = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(f"prompt items must be strings, got {type(part).__name__}")
+        phrases += [" ".join(piece.split()).lower() for piece in re.split(r"[.,;\n]", part)]
+    phrases = list(dict.fromkeys(phrase for phrase in phrases if phrase))  # drop empties and repeats, keep order
+    if not phrases:
+        raise ValueError(f"PROMPT {prompt!r} is empty: name at least one object, e.g. 'a cat. a remote control'.")
+    return phrases
+
+
+def normalize_prompt(prompt: str | Sequence[str]) -> str:
+    """GroundingDINO's prompt format: lower case, each phrase ending in '. ' -> "cat. dog."."""
+    return ". ".join(prompt_phrases(prompt)) + "."
+
+
+def _fit_phrases(phrases: list[str], tokenizer, max_tokens: int) -> list[str]:
+    """Drop trailing phrases (or words) until the prompt fits the text encoder; warn when anything is cut."""
+    def token_count(candidate: list[str]) -> int:
+        # tokenize() does not warn about over-long inputs the way __call__ does
+        return len(tokenizer.tokenize(normalize_prompt(candidate))) + tokenizer.num_special_tokens_to_add()
+
+    if token_count(phrases) <= max_tokens:
+        return phrases
+    kept: list[str] = []
+    for phrase in phrases:
+        if token_count(kept + [phrase]) > max_tokens:
+            break
+        kept.append(phrase)
+    if not kept:  # the first phrase alone is too long: keep its leading words
+        words = phrases[0].split()
+        while len(words) > 1 and token_count([" ".join(words)]) > max_tokens:
+            words.pop()
+        kept = [" ".join(words)]
+    warnings.warn(f"prompt has {token_count(phrases)} tokens, more than GroundingDINO reads ({max_tokens}); "
+                  f"using {normalize_prompt(kept)!r}. Shorten the prompt or split it into several runs.", stacklevel=3)
+    return kept
+
+
+# ----------------------------------------------------------------------------- CLIPSeg regions
+
+
+def clipseg_map_to_boxes(probability_map: np.ndarray, threshold: float, min_area: int | None = None,
+                         max_regions: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Connected regions of a probability map above `threshold`, as boxes and masks.
+
+    Args:
+        probability_map: (H, W) float in [0, 1].
+        threshold: a pixel belongs to a region when its probability is > threshold.
+        min_area: smallest region kept, in pixels (None: 0.1% of the map, at least 16 pixels).
+        max_regions: keep at most this many regions, largest first.
+    Returns:
+        boxes (K, 4) float32 xyxy with exclusive right/bottom edges (a region covering columns 10..19 gives
+        x0=10, x1=20), masks (K, H, W) bool.
+    """
+    height, width = probability_map.shape
+    min_area = max(16, height * width // 1000) if min_area is None else min_area
+    binary = (probability_map > threshold).astype(np.uint8)
+    count, component_ids, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    order = [index + 1 for index in np.argsort(-areas, kind="stable") if areas[index] >= min_area][:max_regions]
+    boxes = np.array([[stats[i, 0], stats[i, 1], stats[i, 0] + stats[i, 2], stats[i, 1] + stats[i, 3]] for i in order],
+                     np.float32).reshape(-1, 4)
+    masks = np.stack([component_ids == i for i in order]) if order else np.zeros((0, height, width), bool)
+    return boxes, masks
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class _Settings:
+    box_threshold: float
+    text_threshold: float
+    clipseg_threshold: float
+    nms_iou: float
+    multimask: bool
+
+
+def per_label_nms(detections: Detections, iou: float) -> Detections:
+    """Non-maximum suppression within each phrase: of two boxes with the same phrase overlapping more than
+    `iou`, the lower-scoring one goes; boxes of different phrases never suppress each other."""
+    if len(detections.boxes) == 0:
+        return detections
+    keep = batched_nms(torch.from_numpy(detections.boxes), torch.from_numpy(detections.scores),
+                       torch.from_numpy(detections.phrase_index), iou).numpy()
+    return Detections(detections.boxes[keep], detections.scores[keep], detections.phrase_index[keep])
+
+
+def _fallback(image: Image.Image, phrases: list[str], models: SegmentationModels, embeddings, index: int,
+              settings: _Settings) -> tuple | None:
+    """CLIPSeg regions per phrase, refined by SAM; the coarse region stays where SAM returns an empty mask."""
+    maps = clipseg_probabilities(models.clipseg, image, phrases)  # (P, H, W)
+    boxes, regions, scores, labels = [], [], [], []
+    for phrase, probability_map in zip(phrases, maps):
+        phrase_boxes, phrase_regions = clipseg_map_to_boxes(probability_map, settings.clipseg_threshold)
+        boxes.append(phrase_boxes)
+        regions.append(phrase_regions)
+        scores += [float(probability_map[region].mean()) for region in phrase_regions]
+        labels += [phrase] * len(phrase_boxes)
+    if not labels:
+        return None
+    boxes, regions = np.concatenate(boxes), np.concatenate(regions)
+    masks, mask_scores = sam2_masks_for_boxes(models.sam, embeddings, index, boxes, regions.shape[1:], settings.multimask)
+    empty = ~masks.any(axis=(1, 2))
+    masks[empty], mask_scores[empty] = regions[empty], np.nan
+    return boxes, np.asarray(scores, np.float32), labels, masks, mask_scores
+
+
+def _segment_one(image: Image.Image, detections: Detections, phrases: list[str], prompt: str,
+                 models: SegmentationModels, embeddings, index: int, settings: _Settings,
+                 timings: dict[str, float]) -> Segmentation:
+    size = (image.height, image.width)
+    detections = per_label_nms(detections, settings.nms_iou)
+    start = time.perf_counter()
+    if len(detections.boxes):
+        masks, mask_scores = sam2_masks_for_boxes(models.sam, embeddings, index, detections.boxes, size, settings.multimask)
+        timings["segment"] += time.perf_counter() - start
+        labels = [phrases[i] for i in detections.phrase_index]
+        message = f"GroundingDINO found {len(labels)} object(s) above box_threshold={settings.box_threshold}"
+        return Segmentation(detections.boxes, detections.scores, labels, masks, mask_scores, "grounding-dino", size,
+                            prompt, timings, message)
+    found = _fallback(image, phrases, models, embeddings, index, settings)
+    timings["fallback"] = time.perf_counter() - start
+    if found is None:
+        return Segmentation.empty(size, prompt, f"no object matched {prompt!r}; lower BOX_THRESHOLD (now "
+                                  f"{settings.box_threshold}) / CLIPSEG_THRESHOLD (now {settings.clipseg_threshold}) "
+                                  f"or rephrase the prompt", timings)
+    message = (f"GroundingDINO found nothing above box_threshold={settings.box_threshold}; CLIPSeg found "
+               f"{len(found[2])} region(s) above clipseg_threshold={settings.clipseg_threshold}")
+    return Segmentation(*found, "clipseg-fallback", size, prompt, timings, message)
+
+
+def _segment_batch(named_images: list[tuple[str, np.ndarray]], phrases: list[str], models: SegmentationModels,
+                   settings: _Settings) -> list[tuple[str, Segmentation]]:
+    prompt = normalize_prompt(phrases)
+    start = time.perf_counter()
+    images = [Image.fromarray(array) for _, array in named_images]
+    preprocess = time.perf_counter() - start
+    detections = run_grounding_dino(models.dino, images, prompt, len(phrases), settings.box_threshold,
+                                    settings.text_threshold)
+    detect = time.perf_counter() - start - preprocess
+    embeddings = sam2_image_embeddings(models.sam, images)
+    embed = time.perf_counter() - start - preprocess - detect
+    results = []
+    for index, (name, _) in enumerate(named_images):  # batched stages are shared equally among the batch
+        share = {"preprocess": preprocess, "detect": detect, "segment": embed, "fallback": 0.0}
+        timings = {stage: seconds / len(images) for stage, seconds in share.items()}
+        segmentation = _segment_one(images[index], detections[index], phrases, prompt, models, embeddings, index,
+                                    settings, timings)
+        timings["total"] = sum(value for key, value in timings.items() if key != "total")
+        results.append((name, segmentation))
+    return results
+
+
+def _named_sources(images) -> list[tuple[str, object]]:
+    """(display name, path or array) for a folder, one file, one array/PIL image, or a list of them."""
+    if isinstance(images, (str, os.PathLike)):
+        path = Path(images).expanduser()
+        if path.is_dir():
+            files = list_image_files(path)
+            if not files:
+                raise ValueError(f"no images in folder {str(path)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+            return [(file.name, file) for file in files]
+        return [(path.name, path)]
+    if isinstance(images, (np.ndarray, Image.Image)):
+        return [("image_0", images)]
+    return [(Path(item).name if isinstance(item, (str, os.PathLike)) else f"image_{index}", item)
+            for index, item in enumerate(images)]
+
+
+def iter_segmentations(images: str | os.PathLike | np.ndarray | Iterable, prompt: str | Sequence[str],
+                       models: SegmentationModels, box_threshold: float = 0.35, text_threshold: float = 0.25,
+                       clipseg_threshold: float = 0.4, nms_iou: float = 0.5, multimask: bool = False,
+                       batch_size: int = 4, progress: bool = True,
+                       on_unreadable: Callable[[str, Exception], None] | None = None
+                       ) -> Iterator[tuple[str, np.ndarray, Segmentation]]:
+    """Like `segment_images`, but yields (name, image RGB, Segmentation) batch by batch (bounded memory).
+
+    Args:
+        on_unreadable: called with (name, error) for a missing or corrupt file, which is then skipped;
+            None = raise the FileNotFoundError / ValueError.
+    """
+    assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+    phrases = _fit_phrases(prompt_phrases(prompt), models.dino.processor.tokenizer, max_prompt_tokens(models.dino))
+    settings = _Settings(box_threshold, text_threshold, clipseg_threshold, nms_iou, multimask)
+    sources = _named_sources(images)
+    with tqdm(total=len(sources), desc="segment", unit="image", disable=not progress) as bar:
+        for first in range(0, len(sources), batch_size):
+            batch = []
+            for name, source in sources[first : first + batch_size]:
+                try:
+                    batch.append((name, load_image(source)))
+                except (FileNotFoundError, ValueError) as error:
+                    if on_unreadable is None:
+                        raise
+                    on_unreadable(name, error)
+            results = _segment_batch(batch, phrases, models, settings) if batch else []
+            bar.update(len(sources[first : first + batch_size]))
+            for (name, image), (_, segmentation) in zip(batch, results):
+                yield name, image, segmentation
+
+
+def segment_images(images: str | os.PathLike | np.ndarray | Iterable, prompt: str | Sequence[str],
+                   models: SegmentationModels, box_threshold: float = 0.35, text_threshold: float = 0.25,
+                   clipseg_threshold: float = 0.4, nms_iou: float = 0.5, multimask: bool = False, batch_size: int = 4,
+                   progress: bool = True, skip_unreadable: bool = False) -> list[tuple[str, Segmentation]]:
+    """Segment every image of a folder or list with one prompt (batched GroundingDINO and SAM encoder).
+
+    Args:
+        images: a folder, an image path, an array/PIL image, or a list of paths/arrays.
+        prompt, models, thresholds, nms_iou, multimask: as in `segment_image`.
+        batch_size: images per forward pass. progress: show a tqdm bar.
+        skip_unreadable: warn and go on past missing/corrupt files instead of raising.
+    Returns:
+        [(source name, Segmentation)] in input order (file name for paths, "image_<i>" for arrays).
+        All masks stay in memory: for large folders iterate `iter_segmentations` instead.
+    """
+    def warn(name: str, error: Exception) -> None:
+        warnings.warn(f"skipped {name}: {error}", stacklevel=4)
+
+    return [(name, segmentation) for name, _, segmentation in iter_segmentations(
+        images, prompt, models, box_threshold, text_threshold, clipseg_threshold, nms_iou, multimask, batch_size,
+        progress, warn if skip_unreadable else None)]
+
+
+def segment_image(image: str | os.PathLike | np.ndarray | Image.Image, prompt: str | Sequence[str],
+                  models: SegmentationModels, box_threshold: float = 0.35, text_threshold: float = 0.25,
+                  clipseg_threshold: float = 0.4, nms_iou: float = 0.5, multimask: bool = False) -> Segmentation:
+    """Find the prompt's objects in one image and segment them.
+
+    Args:
+        image: path, (H, W[, C]) array or PIL image.
+        prompt: "a cat. a remote", "cat, dog" or ["cat", "dog"].
+        models: from nbhelpers.seg.models.load_models.
+        box_threshold / text_threshold: GroundingDINO box and phrase score minimums.
+        clipseg_threshold: probability above which CLIPSeg pixels form fallback regions.
+        nms_iou: boxes of one label overlapping more than this are merged (kept: the highest score).
+        multimask: SAM predicts three masks per box and the best by predicted IoU is kept.
+    Returns:
+        Segmentation at the original resolution; source "none" and a message when nothing matched.
+    """
+    return segment_images([image], prompt, models, box_threshold, text_threshold, clipseg_threshold, nms_iou,
+                          multimask, batch_size=1, progress=False)[0][1]

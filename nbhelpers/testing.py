@@ -1,0 +1,198 @@
+"""Tiny random models and synthetic inputs for tests and smoke runs (no downloads).
+
+The tiny models are real transformers classes with real processors and tokenizers, saved with
+`save_pretrained`, so code under test loads them through the same `from_pretrained` path as hub ids.
+Their weights are random: tests check shapes, coordinates and control flow, never accuracy.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- synthetic images
+
+
+def make_test_image(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
+    """A grey image with a red rectangle, a blue disc and a little noise.
+
+    Args:
+        height, width: image size in pixels.
+        seed: noise seed (the shapes are fixed relative to the size).
+    Returns:
+        (height, width, 3) uint8 RGB.
+    """
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), 128, np.uint8)
+    image[height // 8 : height // 2, width // 8 : width // 2] = (220, 30, 30)  # red rectangle, top left
+    yy, xx = np.mgrid[:height, :width]
+    radius = min(height, width) / 5
+    disc = (yy - 0.68 * height) ** 2 + (xx - 0.7 * width) ** 2 <= radius**2
+    image[disc] = (30, 60, 220)  # blue disc, bottom right
+    noise = rng.integers(-6, 7, size=image.shape)
+    return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- tiny tokenizers
+
+TEST_WORDS = (
+    "a an the of and with on in . , cat cats dog dogs remote person people car cars red blue green "
+    "square rectangle circle disc shape object thing photo picture sky tree"
+).split()
+
+
+def tiny_bert_vocab() -> dict[str, int]:
+    """WordPiece vocabulary: BERT special tokens, the test words, letters and '##' letter pieces."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TEST_WORDS]
+    letters = [chr(code) for code in range(ord("a"), ord("z") + 1)]
+    tokens += letters + ["##" + letter for letter in letters] + ["##s"]
+    unique = list(dict.fromkeys(tokens))
+    return {token: index for index, token in enumerate(unique)}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character table (byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    characters = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in characters)))
+
+
+def tiny_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocabulary and merges for CLIPTokenizer: 256 bytes, their '</w>' forms, a few words."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_tokens = alphabet + [character + "</w>" for character in alphabet]
+    merges = []
+    for word in ("cat", "dog", "the", "car", "remote", "person"):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:  # merge left to right: c a -> ca, ca t</w> -> cat</w>
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab_tokens.append(pieces[0])
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    unique = list(dict.fromkeys(vocab_tokens))
+    return {token: index for index, token in enumerate(unique)}, list(dict.fromkeys(merges))
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def _save_atomically(target: Path, save) -> Path:
+    """Build into a temporary sibling folder, then rename: a half-written model folder is never reused."""
+    if (target / "config.json").is_file():
+        return target
+    if target.exists():  # a leftover without config.json (an interrupted older build): rebuild it
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        save(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _save_grounding_dino(folder: Path) -> None:
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    vocab = tiny_bert_vocab()
+    backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7,
+                          out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=16, max_position_embeddings=128)
+    config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+        num_queries=16, max_text_len=32, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2,
+    )
+    model = GroundingDinoForObjectDetection(config).eval()
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=32)
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    model.save_pretrained(folder)
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def _save_sam2(folder: Path) -> None:
+    """Saved like the hub's facebook/sam2.1-hiera-* repos: a `sam2_video` checkpoint with a Sam2VideoProcessor,
+    which Sam2Model / Sam2Processor load for still images. Hidden sizes are 128 because the video memory path
+    breaks at 64 and below (NOTES.md), so the same folder also serves Sam2VideoModel."""
+    from transformers import (Sam2HieraDetConfig, Sam2ImageProcessor, Sam2VideoConfig, Sam2VideoModel,
+                              Sam2VideoProcessor, Sam2VideoVideoProcessor, Sam2VisionConfig)
+
+    hiera = Sam2HieraDetConfig(
+        hidden_size=12, image_size=128, patch_kernel_size=7, patch_stride=4, patch_padding=3,
+        blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[12, 24, 48, 96], num_attention_heads_per_stage=[1, 2, 4, 8],
+        window_size_per_stage=[8, 4, 4, 4], global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4],
+    )
+    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[96, 48, 24, 12],
+                              backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]], fpn_hidden_size=128)
+    config = Sam2VideoConfig(
+        vision_config=vision, prompt_encoder_config=dict(hidden_size=128, image_size=128, patch_size=16),
+        mask_decoder_config=dict(hidden_size=128, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=32),
+        image_size=128, memory_attention_hidden_size=128, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=128, memory_attention_rope_feat_sizes=[8, 8],
+        memory_encoder_hidden_size=128, mask_downsampler_embed_dim=128, memory_fuser_embed_dim=128,
+        memory_fuser_intermediate_dim=128,
+    )
+    model = Sam2VideoModel(config).eval()
+    size, mask_size = {"height": 128, "width": 128}, {"height": 32, "width": 32}
+    processor = Sam2VideoProcessor(image_processor=Sam2ImageProcessor(size=size, mask_size=mask_size),
+                                   video_processor=Sam2VideoVideoProcessor(size=size), target_size=128)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def _save_clipseg(folder: Path) -> None:
+    from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer,
+                              ViTImageProcessor)
+
+    vocab, merges = tiny_clip_bpe()
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=64,
+                  patch_size=16)
+    config = CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=16, extract_layers=[1, 2],
+                           reduce_dim=16, decoder_num_attention_heads=2, decoder_intermediate_size=32)
+    model = CLIPSegForImageSegmentation(config).eval()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
+                                        image_std=[0.229, 0.224, 0.225])
+    model.save_pretrained(folder)
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def build_tiny_segmentation_models(root: str | os.PathLike) -> dict[str, Path]:
+    """Build (or reuse) tiny random GroundingDINO, SAM 2 and CLIPSeg model folders.
+
+    Args:
+        root: folder that receives grounding-dino/, sam2/ and clipseg/ (created if missing).
+    Returns:
+        {"dino": path, "sam": path, "clipseg": path}; each folder loads with `from_pretrained`.
+    """
+    import torch
+
+    root = Path(root)
+    builders = {"dino": ("grounding-dino", _save_grounding_dino), "sam": ("sam2", _save_sam2),
+                "clipseg": ("clipseg", _save_clipseg)}
+    paths = {}
+    for key, (folder_name, save) in builders.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random weights on every build
+            paths[key] = _save_atomically(root / folder_name, save)
+    return paths

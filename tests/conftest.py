@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random segmentation models, built once per test session (a few seconds)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"dino", "sam", "clipseg"} -> folders of tiny random models with real processors (save_pretrained)."""
+    from nbhelpers.testing import build_tiny_segmentation_models
+
+    return build_tiny_segmentation_models(tmp_path_factory.mktemp("tiny-seg-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_models(tiny_seg_model_dirs: dict[str, Path]):
+    """The tiny models loaded on the CPU through nbhelpers.seg.models.load_models (from_pretrained)."""
+    from nbhelpers.seg.models import load_models
+
+    dirs = tiny_seg_model_dirs
+    return load_models(dino=dirs["dino"], sam=dirs["sam"], clipseg=dirs["clipseg"], device="cpu")

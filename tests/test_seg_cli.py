@@ -1,0 +1,128 @@
+"""`python -m nbhelpers.seg`: outputs and exit codes, with the tiny random models (no network)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nbhelpers.seg import __main__ as cli
+from nbhelpers.seg.export import OUTPUT_FILES, load_detections
+from nbhelpers.testing import make_test_image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "nbhelpers.seg", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _model_args(dirs: dict[str, Path]) -> list[str]:
+    return ["--dino", str(dirs["dino"]), "--sam", str(dirs["sam"]), "--clipseg", str(dirs["clipseg"]), "--device", "cpu"]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(make_test_image(72, 120)).save(folder / "kitchen.png")
+    Image.fromarray(make_test_image(100, 64, seed=3)).save(folder / "street.jpg")
+    return folder
+
+
+def test_folder_run_writes_outputs_and_exits_0(tiny_seg_model_dirs, image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _run_cli(str(image_folder), "--prompt", "a cat, the dog", "--out", str(out), "--box-threshold", "0.05",
+                    *_model_args(tiny_seg_model_dirs))
+    assert done.returncode == 0, done.stderr
+    for stem, size in (("kitchen", (72, 120)), ("street", (100, 64))):
+        assert sorted(path.name for path in (out / stem).iterdir()) == sorted(OUTPUT_FILES.values())
+        saved = load_detections(out / stem / "detections.json")  # validates the schema too
+        assert (saved["image"]["height"], saved["image"]["width"]) == size
+        assert saved["prompt"] == "a cat. the dog." and saved["source"] == "grounding-dino"
+        assert saved["thresholds"]["box_threshold"] == 0.05
+        assert saved["models"]["dino_model"] == str(tiny_seg_model_dirs["dino"].resolve())
+        assert f"{stem}." in done.stdout
+
+
+def test_missing_image_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    done = _run_cli(str(tmp_path / "missing.jpg"), "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                    *_model_args(tiny_seg_model_dirs))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'missing.jpg')!r} does not exist "
+                                                "(give an image file or a folder of images)"]
+
+
+# The other bad inputs go through main() in this process (the same code as the subprocess, without paying
+# for a fresh interpreter and torch import each time).
+@pytest.mark.parametrize("case, expected", [
+    ("empty prompt", "is empty"),
+    ("bad model folder", "model folder './no-such-dino' does not exist"),
+    ("threshold out of range", "not in [0, 1]"),
+    ("empty folder", "no images in folder"),
+    ("offline hub id", "hf download nbhelpers-tests/not-cached --local-dir DIR"),
+])
+def test_bad_input_exits_2_with_one_line(case: str, expected: str, tiny_seg_model_dirs, tiny_seg_models,
+                                         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    image, prompt, extra = str(image_folder / "kitchen.png"), "a cat", _model_args(tiny_seg_model_dirs)
+    if case == "empty prompt":
+        prompt = "  "
+    elif case == "bad model folder":
+        extra = ["--dino", "./no-such-dino", *extra[2:]]
+    elif case == "threshold out of range":
+        extra = [*extra, "--box-threshold", "1.5"]
+    elif case == "empty folder":
+        image = str(tmp_path)
+    elif case == "offline hub id":  # the real offline code path; the id is made up so no cache can hold it
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        extra = [*extra[:4], "--clipseg", "nbhelpers-tests/not-cached", *extra[6:]]
+    assert cli.main([image, "--prompt", prompt, "--out", str(tmp_path / "out"), *extra]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], errors
+
+
+def test_nothing_found_still_exits_0(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    code = cli.main([str(image_folder / "kitchen.png"), "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                     "--box-threshold", "1", "--clipseg-threshold", "1", *_model_args(tiny_seg_model_dirs)])
+    assert code == 0
+    assert "no object matched 'a cat.'" in capsys.readouterr().out
+    saved = load_detections(tmp_path / "out" / "kitchen" / "detections.json")
+    assert saved["source"] == "none" and saved["detections"] == []
+
+
+def test_unreadable_image_exits_2_after_writing_the_others(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code = cli.main([str(image_folder), "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                     *_model_args(tiny_seg_model_dirs)])
+    assert code == 2
+    assert "skipped broken.png" in capsys.readouterr().err
+    assert (tmp_path / "out" / "kitchen" / "detections.json").is_file()
+    assert (tmp_path / "out" / "street" / "detections.json").is_file()
+    assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_unexpected_error_exits_1(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def failing_save(*args, **kwargs):  # stands in for a bug deep inside the run
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr("nbhelpers.seg.export.save_outputs", failing_save)
+    code = cli.main([str(image_folder / "kitchen.png"), "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                     *_model_args(tiny_seg_model_dirs)])
+    assert code == 1
+    assert "error: unexpected RuntimeError: simulated failure" in capsys.readouterr().err
+
+
+def test_same_stem_gets_distinct_folders(tmp_path: Path) -> None:
+    used: set[str] = set()
+    assert cli._output_folder(tmp_path, "a.jpg", used) == tmp_path / "a"
+    assert cli._output_folder(tmp_path, "a.png", used) == tmp_path / "a_png"
+    assert cli._output_folder(tmp_path, "b.png", used) == tmp_path / "b"
