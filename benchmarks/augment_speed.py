@@ -6,7 +6,8 @@
 kornia is not a project dependency: install it only to run the comparison. Prints a Markdown table
 with the median and the best of --repeats calls (the best is the steadier number on a shared machine).
 kornia ops get float [0, 1] input (what they require); ours get what the pipeline passes them.
-Note: kornia's auto.TrivialAugment draws ONE op per batch; ours draws one op per image.
+Note: kornia's auto.TrivialAugment draws ONE op per batch; ours draws one op per image and runs each op
+only on its own images (fixed-size chunks of a random permutation), so both do about one op of work.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def our_ops(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable[[]
         "full pipeline, mix=False": lambda: full(images, labels, mix=False),
         "normalize (uint8 -> float)": lambda: augment.normalize(images),
         "crop (pad 4, reflect) + flip": lambda: augment.random_crop_flip(images, 4, True),
-        "trivial_augment (all ops)": lambda: augment.trivial_augment(unit, 1.0),
+        "trivial_augment (one op per image)": lambda: augment.trivial_augment(unit, 1.0),
         "affine (rotate/shear/translate)": lambda: augment.affine(unit, geometric, magnitude.view(-1)),
         "random_erasing p=0.25": lambda: augment.random_erasing(normalised, 0.25),
         "random_erasing p=0.25, zeros fill": lambda: augment.random_erasing(normalised, 0.25, fill="zeros"),
@@ -81,7 +82,7 @@ def kornia_ops(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable
         "normalize (uint8 -> float)": lambda: K.Normalize(mean, std)(images.float() / 255),
         "crop (pad 4, reflect) + flip": build(torch.nn.Sequential(
             K.RandomCrop((32, 32), padding=4, padding_mode="reflect"), K.RandomHorizontalFlip())),
-        "trivial_augment (all ops)": build(K.auto.TrivialAugment()),
+        "trivial_augment (one op per image)": build(K.auto.TrivialAugment()),
         "affine (rotate/shear/translate)": build(K.RandomAffine(degrees=30, translate=(0.3, 0.3), shear=17, p=1.0)),
         "random_erasing p=0.25, zeros fill": build(K.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3))),
         "  brightness": build(K.ColorJitter(brightness=0.9, p=1.0)),

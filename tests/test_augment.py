@@ -121,6 +121,66 @@ def test_affine_matches_torch_affine_grid_for_rotation_and_shear():
     assert torch.allclose(augment.affine(x, ops, m), expected, atol=1e-5)
 
 
+def reference_op(image: torch.Tensor, op: int, strength: torch.Tensor) -> torch.Tensor:
+    """One image (1, 3, H, W) through OP_NAMES[op] alone, the way a per-image loop would do it."""
+    photometric = list(augment.PHOTOMETRIC_OPS.values())
+    if op < len(photometric):
+        return photometric[op](image, strength.view(1, 1, 1, 1)).clamp(0, 1)
+    return augment.affine(image, torch.tensor([op - len(photometric)]), strength.view(1)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("size", [5, 29])  # fewer images than ops (empty chunks), and a ragged split
+def test_apply_ops_gives_each_image_exactly_the_op_of_its_chunk(size):
+    torch.manual_seed(size)
+    x = torch.rand(size, 3, 32, 32)
+    order, strength = torch.randperm(size), torch.rand(size) * 2 - 1
+    out = augment.apply_ops(x, order, strength)
+    ops = augment.op_per_image(order)
+    for op, chunk in enumerate(order.tensor_split(len(augment.OP_NAMES))):  # the suggested chunking, independently
+        assert (ops[chunk] == op).all()
+    assert torch.bincount(ops, minlength=len(augment.OP_NAMES)).tolist() == augment.op_chunk_sizes(size)
+    position = order.argsort()  # where each image sits in the shuffled batch
+    for i in range(size):
+        expected = reference_op(x[i:i + 1], ops[i].item(), strength[position[i]])
+        assert torch.allclose(out[i:i + 1], expected, atol=1e-5), f"image {i} ({augment.OP_NAMES[ops[i]]})"
+
+
+def test_op_assignment_is_random_per_image_and_fixed_in_count():
+    size = 26  # two images per op
+    assignments = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        order, strength = augment.sample_op_assignment(size, 0.7, torch.device("cpu"))
+        assert torch.equal(order.sort().values, torch.arange(size))
+        assert strength.abs().max() <= 0.7 and (strength < 0).any() and (strength > 0).any()
+        assignments.append(augment.op_per_image(order))
+    assignments = torch.stack(assignments)  # (seeds, images)
+    assert len({tuple(row.tolist()) for row in assignments}) == 300, "different seeds repeated an op assignment"
+    for image_ops in assignments.T:  # every image sees every op across batches
+        assert set(image_ops.tolist()) == set(range(len(augment.OP_NAMES)))
+    assert (torch.stack([torch.bincount(row, minlength=13) for row in assignments]) == 2).all()
+
+
+def test_trivial_augment_applies_the_sampled_ops_and_differs_per_sample():
+    size = 26
+    x = torch.rand(1, 3, 32, 32).expand(size, -1, -1, -1).contiguous()
+    torch.manual_seed(3)
+    out = augment.trivial_augment(x, 1.0)
+    torch.manual_seed(3)
+    order, strength = augment.sample_op_assignment(size, 1.0, x.device)
+    assert torch.equal(out, augment.apply_ops(x, order, strength))
+    ops = augment.op_per_image(order)
+    unchanged = (out == x).flatten(1).all(1)
+    assert torch.equal(unchanged, ops == augment.OP_NAMES.index("identity")), "only identity images come back unchanged"
+    # Copies that get an op with a continuous strength differ (autocontrast has none, posterize 5 levels).
+    discrete = ("identity", "autocontrast", "posterize")
+    continuous = [index for index, name in enumerate(augment.OP_NAMES) if name not in discrete]
+    flat = out[torch.isin(ops, torch.tensor(continuous))].flatten(1)
+    assert flat.shape[0] == 20
+    distances = torch.cdist(flat, flat) + torch.eye(flat.shape[0]) * 1e9
+    assert distances.min() > 1e-3, "two copies of one image got the same augmentation"
+
+
 def test_random_erasing_rectangles():
     x = torch.ones(64, 3, 32, 32)
     assert torch.equal(augment.random_erasing(x, 0.0), x)

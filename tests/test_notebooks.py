@@ -44,3 +44,25 @@ def test_q1_notebook_runs_the_smoke_preset(tmp_path):
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4, "plots are shown inline"
     assert any("final test accuracy" in output.get("text", "") for output in outputs)
+
+
+def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_seg_model_dirs):
+    from nbhelpers.seg.export import load_detections, validate_detections
+
+    out_dir = tmp_path / "q2"
+    notebook = run(
+        "q2_text_segmentation.ipynb", tmp_path, OUT_DIR=str(out_dir), DEVICE="cpu", TEXT_PROMPT="car. cat.",
+        DINO_MODEL=str(tiny_seg_model_dirs["dino"]), SAM_MODEL=str(tiny_seg_model_dirs["sam"]),
+        CLIPSEG_MODEL=str(tiny_seg_model_dirs["clipseg"]), CLIPSEG_THRESHOLD=0.0,
+    )
+    detections = load_detections(out_dir / "sample" / "detections.json")
+    validate_detections(detections)
+    assert detections["prompt"] == "car. cat."
+    assert detections["image"]["height"] == 480 and detections["image"]["width"] == 640
+    assert detections["models"]["dino_model"] == str(tiny_seg_model_dirs["dino"])
+    for name in ("mask.png", "instances.png", "overlay.png"):
+        assert (out_dir / "sample" / name).stat().st_size > 0
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    texts = "".join(output.get("text", "") for output in outputs)
+    assert "interactive UI needs a live Jupyter kernel" in texts
+    assert any("image/png" in output.get("data", {}) for output in outputs), "the overlay is shown inline"

@@ -11,6 +11,7 @@ from PIL import Image
 
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.export import OUTPUT_FILES, load_detections
+from nbhelpers.seg.pipeline import output_folder
 from nbhelpers.testing import make_test_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,6 @@ def test_unexpected_error_exits_1(tiny_seg_model_dirs, tiny_seg_models, image_fo
 
 def test_same_stem_gets_distinct_folders(tmp_path: Path) -> None:
     used: set[str] = set()
-    assert cli._output_folder(tmp_path, "a.jpg", used) == tmp_path / "a"
-    assert cli._output_folder(tmp_path, "a.png", used) == tmp_path / "a_png"
-    assert cli._output_folder(tmp_path, "b.png", used) == tmp_path / "b"
+    assert output_folder(tmp_path, "a.jpg", used) == tmp_path / "a"
+    assert output_folder(tmp_path, "a.png", used) == tmp_path / "a_png"
+    assert output_folder(tmp_path, "b.png", used) == tmp_path / "b"

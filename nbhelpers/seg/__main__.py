@@ -52,16 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_folder(out: Path, name: str, used: set[str]) -> Path:
-    """OUT/<stem>; a second image with the same stem (a.jpg, a.png) gets OUT/<stem>_<ext>."""
-    stem = Path(name).stem or "image"
-    folder = stem if stem not in used else f"{stem}_{Path(name).suffix.lstrip('.') or len(used)}"
-    while folder in used:
-        folder += "_"
-    used.add(folder)
-    return out / folder
-
-
 class BadInput(Exception):
     """Input the user can fix (exit code 2)."""
 
@@ -94,27 +84,22 @@ def _prepare(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Segment and save every image; returns the exit code."""
-    from nbhelpers.seg.export import save_outputs
-    from nbhelpers.seg.image import iter_segmentations
+    from nbhelpers.seg import pipeline
 
     source, models = _prepare(args)
-    thresholds = {"box_threshold": args.box_threshold, "text_threshold": args.text_threshold,
-                  "clipseg_threshold": args.clipseg_threshold, "nms_iou": args.nms_iou, "multimask": args.multimask}
+    config = pipeline.SegmentConfig(
+        images=str(source), prompt=args.prompt, out_dir=str(args.out), dino_model=args.dino, sam_model=args.sam,
+        clipseg_model=args.clipseg, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, multimask=args.multimask,
+        batch_size=args.batch_size, device=args.device,
+    )
     unreadable: list[str] = []
 
     def report_unreadable(name: str, error: Exception) -> None:
         unreadable.append(name)
         print(f"error: skipped {name}: {error}", file=sys.stderr)
 
-    used: set[str] = set()
-    for name, image, seg in iter_segmentations(source, args.prompt, models, **thresholds, batch_size=args.batch_size,
-                                               on_unreadable=report_unreadable):
-        folder = _output_folder(args.out, name, used)
-        metadata = {"models": models.describe(), "thresholds": thresholds,
-                    "source_file": str(source / name if source.is_dir() else source)}
-        save_outputs(image, seg, folder, metadata)
-        note = "" if len(seg) else f" -- {seg.message}"
-        print(f"{name}: {seg.summary()} -> {folder}{note}", flush=True)
+    pipeline.run(config, models, on_unreadable=report_unreadable)
     return EXIT_BAD_INPUT if unreadable else EXIT_OK
 
 

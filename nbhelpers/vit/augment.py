@@ -3,8 +3,8 @@
 Every step is a tensor op on the input's device with randomness from torch's RNG there (so saving and
 restoring RNG states reproduces a run); there is no Python loop over samples and no host sync.
 GpuAugment runs: random crop (reflect padding) + horizontal flip as one gather on uint8 -> one
-TrivialAugment-style op per image (the geometric ops share one grid_sample) -> normalise ->
-random erasing -> MixUp or CutMix on the batch -> label-smoothed soft targets.
+TrivialAugment-style op per image, each op computed only on its own images (the geometric ops share one
+grid_sample) -> normalise -> random erasing -> MixUp or CutMix on the batch -> label-smoothed soft targets.
 """
 from __future__ import annotations
 
@@ -198,6 +198,61 @@ def affine(x: Tensor, geometric_op: Tensor, m: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+# ----------------------------------------------------------------------------- TrivialAugment dispatch
+# Each image gets one op, and each op runs only on its own images: a random permutation of the batch is cut
+# into len(OP_NAMES) contiguous chunks whose sizes depend only on B, and op k transforms chunk k. The sizes
+# being fixed keeps shapes static (no host sync; torch.compile / CUDA graphs see the same graph every step).
+# Per image the op is uniform up to rounding: the first B % len(OP_NAMES) ops get one image more per batch
+# (512 images: 40 vs 39). Unlike i.i.d. draws, the count per op is the same in every batch.
+
+
+def op_chunk_sizes(batch_size: int) -> list[int]:
+    """Number of images that get each op of OP_NAMES in a batch of batch_size (fixed; sums to batch_size)."""
+    base, extra = divmod(batch_size, len(OP_NAMES))
+    return [base + int(index < extra) for index in range(len(OP_NAMES))]
+
+
+def sample_op_assignment(batch_size: int, magnitude: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random (order (B,) int64 permutation, signed strength (B,) in [-magnitude, magnitude]) for apply_ops."""
+    order = torch.randperm(batch_size, device=device)
+    strength = torch.rand(batch_size, device=device) * magnitude
+    return order, torch.where(torch.rand(batch_size, device=device) < 0.5, -strength, strength)
+
+
+def _op_at_position(batch_size: int, device: torch.device) -> Tensor:
+    # (B,) index into OP_NAMES for each position of the shuffled batch: chunk k holds op k.
+    sizes = op_chunk_sizes(batch_size)
+    return torch.cat([torch.full((size,), index, device=device) for index, size in enumerate(sizes)])
+
+
+def op_per_image(order: Tensor) -> Tensor:
+    """Index into OP_NAMES of the op that apply_ops(x, order, ...) gives each image, (B,) int64."""
+    op_at_position = _op_at_position(order.shape[0], order.device)
+    return torch.empty_like(op_at_position).index_copy_(0, order, op_at_position)
+
+
+def apply_ops(x: Tensor, order: Tensor, signed_magnitude: Tensor) -> Tensor:
+    """Image order[j] gets op k of OP_NAMES when position j lies in chunk k, at strength signed_magnitude[j].
+
+    Args:
+        x: float images in [0, 1], (B, 3, H, W).
+        order: a permutation of range(B); chunk sizes come from op_chunk_sizes(B).
+        signed_magnitude: (B,) in [-1, 1], per position in `order`.
+    Returns:
+        Float images in [0, 1], (B, 3, H, W).
+    """
+    B, num_photometric = x.shape[0], len(PHOTOMETRIC_OPS)
+    sizes = op_chunk_sizes(B)[:num_photometric]
+    split = sum(sizes)  # positions [0, split) get photometric ops, the rest geometric ones
+    shuffled, m = x.index_select(0, order), signed_magnitude.view(B, 1, 1, 1)
+    chunks = zip(PHOTOMETRIC_OPS.values(), shuffled[:split].split(sizes), m[:split].split(sizes))
+    pieces = [op(images, strength) for op, images, strength in chunks]
+    geometric_op = _op_at_position(B, x.device)[split:] - num_photometric
+    pieces.append(affine(shuffled[split:], geometric_op, signed_magnitude[split:]))  # one grid_sample for all
+    out = torch.cat(pieces).clamp_(0.0, 1.0)  # (B, 3, H, W), shuffled order
+    return torch.empty_like(out).index_copy_(0, order, out)
+
+
 def trivial_augment(x: Tensor, magnitude: float = 1.0) -> Tensor:
     """TrivialAugment-style: each image gets one op from OP_NAMES, uniformly, with strength U(0, magnitude).
 
@@ -207,15 +262,7 @@ def trivial_augment(x: Tensor, magnitude: float = 1.0) -> Tensor:
     Returns:
         Float images in [0, 1], (B, 3, H, W).
     """
-    B, device = x.shape[0], x.device
-    op = torch.randint(len(OP_NAMES), (B,), device=device)
-    m = torch.rand(B, device=device) * magnitude
-    m = torch.where(torch.rand(B, device=device) < 0.5, -m, m)
-    for index, (name, function) in enumerate(PHOTOMETRIC_OPS.items()):
-        if name != "identity":  # every op runs on the whole batch; _choose keeps it for its own samples
-            x = _choose((op == index).view(B, 1, 1, 1), function(x, m.view(B, 1, 1, 1)), x)
-    x = affine(x, op - len(PHOTOMETRIC_OPS), m)
-    return x.clamp(0.0, 1.0)
+    return apply_ops(x, *sample_op_assignment(x.shape[0], magnitude, x.device))
 
 
 # ----------------------------------------------------------------------------- random erasing + mixing

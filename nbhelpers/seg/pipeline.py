@@ -1,0 +1,148 @@
+"""One configured run: load the models once, segment an image or a folder, save each result.
+
+Shared by the Q2 notebook and `python -m nbhelpers.seg`, so both write the same files.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from nbhelpers.platform import ensure_writable_dir, resolve_paths
+from nbhelpers.seg.image import Segmentation, iter_segmentations
+from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
+
+SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
+
+
+@dataclass
+class SegmentConfig:
+    images: str | None = None  # an image file or a folder of images; None = the sample image in assets/
+    prompt: str = "car. sun."  # objects to find: "a cat. a remote", "cat, dog" or a list of phrases
+    out_dir: str | None = None  # None = platform default (/kaggle/working/outputs/q2_seg, …, ./outputs/q2_seg)
+    dino_model: str = DEFAULT_DINO  # GroundingDINO hub id, 'tiny' / 'base', or a local folder
+    sam_model: str = DEFAULT_SAM  # SAM 2.1 hub id, 'tiny' / 'small' / 'base-plus' / 'large', or a local folder
+    clipseg_model: str = DEFAULT_CLIPSEG  # CLIPSeg hub id or a local folder
+    box_threshold: float = 0.35  # GroundingDINO box score minimum (higher = fewer, surer boxes)
+    text_threshold: float = 0.25  # GroundingDINO phrase score minimum
+    clipseg_threshold: float = 0.4  # CLIPSeg probability above which fallback regions are taken
+    nms_iou: float = 0.5  # boxes of one label overlapping more than this are merged
+    multimask: bool = False  # SAM predicts three masks per box and keeps the best by predicted IoU
+    batch_size: int = 4  # images per forward pass
+    device: str | None = None  # None = auto (cuda > mps > cpu)
+
+    def thresholds(self) -> dict[str, float | bool]:
+        keys = ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "multimask")
+        return {key: value for key, value in asdict(self).items() if key in keys}
+
+    def image_source(self) -> Path:
+        return Path(self.images).expanduser() if self.images else SAMPLE_IMAGE
+
+    def output_dir(self) -> Path:
+        return resolve_paths("q2_seg", None, self.out_dir).out_dir
+
+
+@dataclass
+class SavedResult:
+    """One image's result and where its files went (the image itself is not kept: folders can be large)."""
+
+    name: str  # source file name
+    segmentation: Segmentation
+    folder: Path
+    files: dict[str, Path] = field(default_factory=dict)  # mask, instances, overlay, detections
+
+
+def output_folder(out: Path, name: str, used: set[str]) -> Path:
+    """OUT/<stem>; a second image with the same stem (a.jpg, a.png) gets OUT/<stem>_<ext>."""
+    stem = Path(name).stem or "image"
+    folder = stem if stem not in used else f"{stem}_{Path(name).suffix.lstrip('.') or len(used)}"
+    while folder in used:
+        folder += "_"
+    used.add(folder)
+    return out / folder
+
+
+def load_configured_models(config: SegmentConfig) -> SegmentationModels:
+    """Load (once per process) the three models the config names."""
+    return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
+
+
+def run(config: SegmentConfig, models: SegmentationModels | None = None,
+        on_unreadable: Callable[[str, Exception], None] | None = None, verbose: bool = True) -> list[SavedResult]:
+    """Segment every configured image and write OUT_DIR/<image>/{mask,instances,overlay}.png + detections.json.
+
+    Args:
+        config: what to segment and how.
+        models: already loaded models (None = load those the config names).
+        on_unreadable: called for a missing or corrupt file, which is skipped; None = raise.
+    Returns:
+        One SavedResult per image, in input order.
+    """
+    from nbhelpers.seg.export import save_outputs
+
+    source = config.image_source()
+    out_dir = ensure_writable_dir(config.output_dir(), "OUT_DIR")
+    models = models or load_configured_models(config)
+    results, used = [], set()
+    for name, image, segmentation in iter_segmentations(source, config.prompt, models, **config.thresholds(),
+                                                        batch_size=config.batch_size, on_unreadable=on_unreadable):
+        folder = output_folder(out_dir, name, used)
+        metadata = {"models": models.describe(), "thresholds": config.thresholds(),
+                    "source_file": str(source / name if source.is_dir() else source)}
+        files = save_outputs(image, segmentation, folder, metadata)
+        if verbose:
+            note = "" if len(segmentation) else f" -- {segmentation.message}"
+            print(f"{name}: {segmentation.summary()} -> {folder}{note}", file=sys.stdout, flush=True)
+        results.append(SavedResult(name, segmentation, folder, files))
+    return results
+
+
+def show_results(results: list[SavedResult], max_images: int = 4) -> None:
+    """Display the saved overlays inline (first `max_images`), each with its detections listed."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from nbhelpers.seg.image import load_image
+    from nbhelpers.seg.render import show_overlay
+
+    for result in results[:max_images]:
+        figure = show_overlay(load_image(result.files["overlay"]), result.segmentation, title=result.name)
+        display(figure)
+        plt.close(figure)
+    if len(results) > max_images:
+        print(f"{len(results) - max_images} more results in {results[0].folder.parent}")
+
+
+# ----------------------------------------------------------------------------- interactive UI
+
+
+def _configured_sam_size(config: SegmentConfig) -> str:
+    """The UI dropdown entry standing for the configured SAM model (a hub id, short name or folder name)."""
+    from nbhelpers.seg.ui import SAM_CHECKPOINTS
+
+    name = str(config.sam_model).rstrip("/").lower()
+    for size in sorted(SAM_CHECKPOINTS, key=len, reverse=True):  # 'base-plus' before shorter names
+        if name == size or name.endswith(f"hiera-{size}") or name == SAM_CHECKPOINTS[size]:
+            return size
+    return "tiny"
+
+
+def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels:
+    from nbhelpers.seg.ui import SAM_CHECKPOINTS
+
+    # The configured SAM (maybe a local folder on offline Kaggle) stands for its own dropdown entry.
+    sam = config.sam_model if sam_checkpoint == SAM_CHECKPOINTS[_configured_sam_size(config)] else sam_checkpoint
+    return load_models(config.dino_model, sam, config.clipseg_model, device=config.device)
+
+
+def launch_ui(config: SegmentConfig):
+    """Widgets (upload, prompt, thresholds, SAM size, run button) preset from `config`; None when headless."""
+    from functools import partial
+
+    from nbhelpers.seg import ui
+
+    defaults = {"image_path": str(config.image_source()), "prompt": config.prompt, "box_threshold": config.box_threshold,
+                "text_threshold": config.text_threshold, "clipseg_threshold": config.clipseg_threshold,
+                "sam_size": _configured_sam_size(config)}
+    return ui.launch_ui(partial(_load_for_ui, config), defaults, config.output_dir() / "ui")
