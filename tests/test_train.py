@@ -128,3 +128,40 @@ def test_mixed_precision_paths_train(tmp_path, precision):
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert result.summary["final_test_accuracy"]["raw"] > 0.1
     assert ("fp16" in result.summary["device"]) == (precision == "fp16")
+
+
+def test_a_session_killed_mid_epoch_resumes_from_the_wall_clock_checkpoint(tmp_path, monkeypatch):
+    from nbhelpers.vit import train as train_module
+
+    # Augmentation on, so the resumed run must also restore the RNG streams to match.
+    augmented = dict(epochs=2, trivial_augment=True, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25, log_every=5)
+    whole = fit(smoke(tmp_path / "whole", **augmented))
+    calls = {"count": 0}
+    original_check = train_module.check_finite
+
+    def dies_on_the_ninth_window(*args):
+        calls["count"] += 1
+        if calls["count"] == 9:  # the session dies mid-epoch 2 (31 steps an epoch, windows of 5 steps)
+            raise KeyboardInterrupt("session died")
+        return original_check(*args)
+
+    monkeypatch.setattr(train_module, "check_finite", dies_on_the_ninth_window)
+    with pytest.raises(KeyboardInterrupt):
+        fit(smoke(tmp_path / "killed", checkpoint_minutes=0, **augmented))  # a checkpoint at every window
+    saved_step = load_checkpoint(tmp_path / "killed" / "last.pt")["step"]
+    assert 31 < saved_step < 62, f"the last checkpoint should be mid-epoch 2, got step {saved_step}"
+    monkeypatch.setattr(train_module, "check_finite", original_check)
+    resumed = fit(smoke(tmp_path / "killed", **augmented))
+    assert resumed.step == whole.step == 62
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("preset", ["fast", "best", "seed"])
+def test_every_preset_trains_a_few_steps(tmp_path, preset):
+    config = build_config(preset, dataset="synthetic", synthetic_train_size=32, synthetic_test_size=16, batch_size=16,
+                          eval_batch_size=16, epochs=1, warmup_epochs=0.5, out_dir=str(tmp_path), device="cpu", report_plots=False)
+    result = fit(config)
+    assert result.step == 2 and result.status == "finished"
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    assert result.summary["parameters"] == sum(p.numel() for p in result.model.parameters())

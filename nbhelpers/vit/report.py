@@ -196,7 +196,9 @@ def plot_misclassified(result, count: int = 24, show: bool = True) -> Path | Non
     import matplotlib.pyplot as plt
 
     data, predictions = result.data, result.final_predictions
-    wrong = np.flatnonzero(predictions != data.test_labels)[:count]
+    all_wrong = np.flatnonzero(predictions != data.test_labels)
+    # A seeded sample over the whole test set: test sets are often stored sorted by class.
+    wrong = np.sort(np.random.default_rng(0).choice(all_wrong, size=min(count, len(all_wrong)), replace=False))
     columns = 8
     rows = max(1, -(-len(wrong) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
@@ -205,7 +207,7 @@ def plot_misclassified(result, count: int = 24, show: bool = True) -> Path | Non
     for axis, index in zip(axes.flat, wrong):
         axis.imshow(data.test_images[index])
         axis.set_title(f"{data.classes[data.test_labels[index]]}\n→ {data.classes[predictions[index]]}", fontsize=8, color="crimson")
-    figure.suptitle(f"misclassified test images (true → predicted), {len(np.flatnonzero(predictions != data.test_labels))} in all")
+    figure.suptitle(f"misclassified test images (true → predicted), a sample of {len(all_wrong)}")
     return _finish_figure(figure, result.out_dir / "misclassified.png", show)
 
 
@@ -218,7 +220,10 @@ def plot_attention(result, count: int = 6, show: bool = True) -> Path | None:
 
     model, data = result.model, result.data
     device = next(model.parameters()).device
-    images = torch.from_numpy(data.test_images[:count].transpose(0, 3, 1, 2).copy()).to(device)
+    # The first test image of each class (test sets are often sorted by class).
+    picks = [int(np.flatnonzero(data.test_labels == label)[0]) for label in np.unique(data.test_labels)][:count]
+    count = len(picks)
+    images = torch.from_numpy(data.test_images[picks].transpose(0, 3, 1, 2).copy()).to(device)
     maps = model.attention_maps(normalize(images)).float().mean(1)  # (B, N, N) averaged over heads
     has_cls = result.config.model.pool == "cls"
     weights = maps[:, 0, 1:] if has_cls else maps.mean(1)  # (B, tokens): what the pooled output attends to
@@ -227,9 +232,9 @@ def plot_attention(result, count: int = 6, show: bool = True) -> Path | None:
     grids = weights[:, : side * side].reshape(-1, side, side).cpu().numpy()
     figure, axes = plt.subplots(2, count, figsize=(count * 1.8, 3.8), squeeze=False)
     for column in range(count):
-        axes[0, column].imshow(data.test_images[column])
-        axes[0, column].set_title(data.classes[data.test_labels[column]], fontsize=8)
-        axes[1, column].imshow(data.test_images[column])
+        axes[0, column].imshow(data.test_images[picks[column]])
+        axes[0, column].set_title(data.classes[data.test_labels[picks[column]]], fontsize=8)
+        axes[1, column].imshow(data.test_images[picks[column]])
         axes[1, column].imshow(grids[column], cmap="inferno", alpha=0.6, extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="bilinear")
         axes[0, column].axis("off")
         axes[1, column].axis("off")
