@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 from nbhelpers.seg import image as seg_image
 from nbhelpers.seg.image import (Segmentation, clipseg_map_to_boxes, load_image, normalize_prompt, per_label_nms,
                                  prompt_phrases, segment_image, segment_images)
-from nbhelpers.seg.models import Detections
+from nbhelpers.seg.inference import Detections
 from nbhelpers.testing import make_test_image
 
 # ----------------------------------------------------------------------------- prompts
@@ -76,9 +76,9 @@ def test_detection_path_on_non_square_image(tiny_seg_models) -> None:
 
 
 def test_large_image_runs_at_model_size_with_outputs_at_original_size(tiny_seg_models, monkeypatch) -> None:
-    from nbhelpers.seg import models as seg_models
+    from nbhelpers.seg import inference
 
-    monkeypatch.setattr(seg_models, "MAX_UPSAMPLE_BYTES", 32 * 2**20)  # several upsampling chunks for this image
+    monkeypatch.setattr(inference, "MAX_UPSAMPLE_BYTES", 32 * 2**20)  # several upsampling chunks for this image
     height, width = 1500, 2400
     result = segment_image(make_test_image(height, width), "a cat", tiny_seg_models, box_threshold=0.05)
     assert len(result) > 2 and result.masks.shape == (len(result), height, width) and result.masks.dtype == bool

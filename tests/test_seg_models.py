@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from nbhelpers.seg import inference
 from nbhelpers.seg import models as seg_models
-from nbhelpers.seg.models import (DEFAULT_DINO, ModelLoadError, clipseg_probabilities, load_clipseg, load_grounding_dino,
-                                  load_sam2, max_prompt_tokens, phrase_token_map, resolve_model_source,
-                                  run_grounding_dino, sam2_image_embeddings, sam2_masks_for_boxes)
+from nbhelpers.seg.inference import (clipseg_probabilities, max_prompt_tokens, phrase_token_map, run_grounding_dino,
+                                     sam2_image_embeddings, sam2_masks_for_boxes)
+from nbhelpers.seg.models import (DEFAULT_DINO, ModelLoadError, load_clipseg, load_grounding_dino, load_sam2,
+                                  resolve_model_source)
 from nbhelpers.testing import build_tiny_segmentation_models, make_test_image
 
 # ----------------------------------------------------------------------------- resolving and loading
@@ -144,7 +146,7 @@ def test_sam_masks_original_size_and_chunked_upsampling(tiny_seg_models, monkeyp
     boxes = np.array([[5, 5, 60, 40], [80, 20, 140, 65], [0, 0, 150, 70]], np.float32)
     masks, iou = sam2_masks_for_boxes(sam, embeddings, 0, boxes, (70, 150))
     assert masks.shape == (3, 70, 150) and masks.dtype == bool and iou.shape == (3,)
-    monkeypatch.setattr(seg_models, "MAX_UPSAMPLE_BYTES", 1)  # forces one box per upsampling chunk
+    monkeypatch.setattr(inference, "MAX_UPSAMPLE_BYTES", 1)  # forces one box per upsampling chunk
     chunked, chunked_iou = sam2_masks_for_boxes(sam, embeddings, 0, boxes, (70, 150))
     assert np.array_equal(masks, chunked) and np.allclose(iou, chunked_iou)
 

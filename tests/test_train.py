@@ -35,6 +35,10 @@ def test_smoke_preset_learns_synthetic_data_and_writes_report(tmp_path):
     assert summary["final_test_accuracy"]["raw"] == pytest.approx(summary["history"][-1]["test_accuracy"])
     assert summary["epochs"] == 6 and summary["steps"] == 6 * (2000 // 64)
     assert summary["parameters"] > 0 and summary["flops_per_image"] > 0 and summary["images_per_second"] > 0
+    assert summary["wall_seconds"] >= summary["train_seconds"] > 0
+    best = load_checkpoint(tmp_path / "best.pt")  # no validation split: the final state, complete
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "step", "config"} <= set(best)
+    assert best["step"] == summary["steps"] and best["val_accuracy"] is None
     assert len(summary["per_class_accuracy"]) == 10 and len(summary["confusion_matrix"]) == 10
     assert sum(map(sum, summary["confusion_matrix"])) == summary["test_images"]
     assert "chosen on the test set" in summary["best_epoch_test_accuracy"]["note"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -12,14 +11,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
-from nbhelpers.seg.models import (Detections, SegmentationModels, clipseg_probabilities, max_prompt_tokens,
-                                  run_grounding_dino, sam2_image_embeddings, sam2_masks_for_boxes)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from nbhelpers.seg.inference import (Detections, clipseg_probabilities, max_prompt_tokens, run_grounding_dino,
+                                     sam2_image_embeddings, sam2_masks_for_boxes)
+from nbhelpers.seg.inputs import (IMAGE_EXTENSIONS, _fit_phrases, list_image_files, load_image, normalize_prompt,
+                                  prompt_phrases)
+from nbhelpers.seg.models import SegmentationModels
 
 
 @dataclass
@@ -53,119 +53,6 @@ class Segmentation:
         counts = {label: self.labels.count(label) for label in dict.fromkeys(self.labels)}
         found = ", ".join(f"{count}x {label!r}" for label, count in counts.items()) or "nothing"
         return f"{found} ({self.source}, {self.timings.get('total', 0.0):.2f} s)"
-
-
-# ----------------------------------------------------------------------------- image loading
-
-
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    """Grayscale / RGB / RGBA array of any common dtype -> (H, W, 3) uint8 RGB."""
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ValueError(f"image array has shape {array.shape}; expected (H, W), (H, W, 3) or (H, W, 4).")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):  # floats in [0, 1] (or already 0..255)
-        scale = 255.0 if np.nanmax(array) <= 1.0 else 1.0
-        array = np.clip(np.nan_to_num(array) * scale + 0.5, 0, 255).astype(np.uint8)
-    elif array.dtype != np.uint8:  # 16-bit (and 32-bit "I" images holding 16-bit data): full range -> 0..255
-        array = (np.clip(array.astype(np.float32), 0, 65535) / 257.0 + 0.5).astype(np.uint8)
-    if array.ndim == 2:
-        return np.repeat(array[:, :, None], 3, axis=2)
-    if array.shape[2] == 4:  # composite on white: transparent areas become white, not black
-        alpha = array[:, :, 3:].astype(np.float32) / 255.0
-        return (array[:, :, :3] * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
-    return np.ascontiguousarray(array)
-
-
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    image = ImageOps.exif_transpose(image)  # phone photos store rotation as an EXIF tag
-    if image.mode in ("RGB", "L", "RGBA") or image.mode.startswith("I") or image.mode == "F":
-        return _array_to_rgb(np.asarray(image))
-    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:  # P, PA, LA, La, RGBa
-        return _array_to_rgb(np.asarray(image.convert("RGBA")))
-    return _array_to_rgb(np.asarray(image.convert("RGB")))  # CMYK, YCbCr, LAB, HSV, 1, P
-
-
-def load_image(source: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
-    """Read an image file (or take an array / PIL image) as RGB uint8.
-
-    Handles grayscale, RGBA (composited on white), 16-bit (scaled to 8-bit), CMYK and palette images, and
-    applies the EXIF orientation.
-    Args:
-        source: file path, numpy array (H, W[, C]) or PIL image.
-    Returns:
-        (H, W, 3) uint8 RGB array.
-    Raises:
-        FileNotFoundError: the file does not exist. ValueError: it is not a readable image.
-    """
-    if isinstance(source, np.ndarray):
-        return _array_to_rgb(source)
-    if isinstance(source, Image.Image):
-        return _pil_to_rgb(source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {str(path)!r} (check the path; folders are listed with segment_images)")
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so truncated files fail here and not later
-            return _pil_to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(
-            f"cannot read image {str(path)!r}: {error}. Re-export or re-download it as a complete PNG/JPEG "
-            f"(for a very large photo: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS)."
-        ) from error
-
-
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside `folder` (by extension), sorted by name."""
-    return sorted(path for path in Path(folder).iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def prompt_phrases(prompt: str | Sequence[str]) -> list[str]:
-    """Split a prompt into lower-case, unique phrases: "Cat, a dog." or ["cat", "a dog"] -> ["cat", "a dog"]."""
-    parts = [prompt] if isinstance(prompt, str) else list(prompt)
-    phrases = []
-    for part in parts:
-        if not isinstance(part, str):
-            raise TypeError(f"prompt items must be strings, got {type(part).__name__}")
-        phrases += [" ".join(piece.split()).lower() for piece in re.split(r"[.,;\n]", part)]
-    phrases = list(dict.fromkeys(phrase for phrase in phrases if phrase))  # drop empties and repeats, keep order
-    if not phrases:
-        raise ValueError(f"PROMPT {prompt!r} is empty: name at least one object, e.g. 'a cat. a remote control'.")
-    return phrases
-
-
-def normalize_prompt(prompt: str | Sequence[str]) -> str:
-    """GroundingDINO's prompt format: lower case, each phrase ending in '. ' -> "cat. dog."."""
-    return ". ".join(prompt_phrases(prompt)) + "."
-
-
-def _fit_phrases(phrases: list[str], tokenizer, max_tokens: int) -> list[str]:
-    """Drop trailing phrases (or words) until the prompt fits the text encoder; warn when anything is cut."""
-    def token_count(candidate: list[str]) -> int:
-        # tokenize() does not warn about over-long inputs the way __call__ does
-        return len(tokenizer.tokenize(normalize_prompt(candidate))) + tokenizer.num_special_tokens_to_add()
-
-    if token_count(phrases) <= max_tokens:
-        return phrases
-    kept: list[str] = []
-    for phrase in phrases:
-        if token_count(kept + [phrase]) > max_tokens:
-            break
-        kept.append(phrase)
-    if not kept:  # the first phrase alone is too long: keep its leading words
-        words = phrases[0].split()
-        while len(words) > 1 and token_count([" ".join(words)]) > max_tokens:
-            words.pop()
-        kept = [" ".join(words)]
-    warnings.warn(f"prompt has {token_count(phrases)} tokens, more than GroundingDINO reads ({max_tokens}); "
-                  f"using {normalize_prompt(kept)!r}. Shorten the prompt or split it into several runs.", stacklevel=3)
-    return kept
 
 
 # ----------------------------------------------------------------------------- CLIPSeg regions

@@ -80,7 +80,8 @@ def build_summary(state, config: Config, runtime: Runtime, data: DataSplits, fin
         "data_source": data.source, "train_images": int(len(data.train_labels)), "val_images": int(len(data.val_labels)),
         "test_images": int(len(data.test_labels)), "parameters": count_parameters(state.model),
         "flops_per_image": flops_per_image(state.model, config.model.image_size),
-        "images_per_second": float(np.median(steady)), "train_seconds": state.train_seconds, "steps": state.step,
+        "images_per_second": float(np.median(steady)), "train_seconds": state.train_seconds,
+        "wall_seconds": state.wall_seconds, "steps": state.step,
         "epochs": len(history), "history": history,
         "final_test_accuracy": final,
         "best_epoch_test_accuracy": {

@@ -85,7 +85,8 @@ class TrainState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_accuracy: float = -1.0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # time in training steps, summed over sessions
+    wall_seconds: float = 0.0  # wall-clock time of training + per-epoch evaluation, summed over sessions
 
     def payload(self, config: Config) -> dict[str, Any]:
         return {
@@ -93,7 +94,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "step": self.step,
             "history": self.history, "best_val_accuracy": self.best_val_accuracy,
-            "train_seconds": self.train_seconds, "config": config.to_dict(),
+            "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds, "config": config.to_dict(),
         }
 
     def load(self, payload: dict[str, Any]) -> None:
@@ -106,6 +107,7 @@ class TrainState:
         ckpt.restore_rng_state(payload["rng"])
         self.step, self.history = payload["step"], payload["history"]
         self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
+        self.wall_seconds = payload.get("wall_seconds", 0.0)
 
 
 def build_state(config: Config, runtime: Runtime, steps_per_epoch: int) -> TrainState:
@@ -208,8 +210,8 @@ def save_last(state: TrainState, config: Config, out_dir: Path) -> None:
 
 
 def save_best(state: TrainState, config: Config, out_dir: Path, epoch: int) -> None:
-    payload = {"model": state.model.state_dict(), "ema": state.ema.module.state_dict() if state.ema else None,
-               "config": config.to_dict(), "epoch": epoch, "step": state.step, "val_accuracy": state.best_val_accuracy}
+    """best.pt holds the same full state as last.pt, plus which epoch it is and its validation accuracy."""
+    payload = state.payload(config) | {"epoch": epoch, "val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None}
     ckpt.atomic_torch_save(payload, out_dir / "best.pt")
 
 
@@ -257,8 +259,10 @@ def run_epochs(state: TrainState, config: Config, runtime: Runtime, tensors: dic
     epochs_this_call = 0
     state.model.train()
     while state.step < total_steps:
+        epoch_start = time.perf_counter()
         record = train_one_epoch(state, train_step, config, tensors, out_dir, bar)
         record.update(evaluate_epoch(state, tensors, runtime, config))
+        state.wall_seconds += time.perf_counter() - epoch_start
         state.history.append(record)
         tqdm.write(format_epoch(record, train.epochs))
         if "val_accuracy" in record and record.get("ema_val_accuracy", record["val_accuracy"]) > state.best_val_accuracy:
