@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,3 +62,11 @@ def to_device(data: DataSplits, device: torch.device) -> dict[str, torch.Tensor]
         tensors[f"{split}_images"] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
         tensors[f"{split}_labels"] = torch.from_numpy(getattr(data, f"{split}_labels").astype(np.int64)).to(device)
     return tensors
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.3f}", f"train {record['train_accuracy']:.3f}",
+             f"test {record['test_accuracy']:.4f}"]
+    parts += [f"{key.replace('_accuracy', '')} {record[key]:.4f}" for key in ("ema_test_accuracy", "val_accuracy", "ema_val_accuracy") if key in record]
+    parts.append(f"{record['images_per_second']:,.0f} img/s")
+    return " | ".join(parts)

@@ -23,7 +23,7 @@ from nbhelpers.vit import checkpoint as ckpt
 from nbhelpers.vit.augment import GpuAugment
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits, load_data
-from nbhelpers.vit.evaluate import evaluate_epoch, to_device
+from nbhelpers.vit.evaluate import evaluate_epoch, format_epoch, to_device
 from nbhelpers.vit.model import VisionTransformer
 
 # ----------------------------------------------------------------------------- schedule + EMA
@@ -276,14 +276,6 @@ def run_epochs(state: TrainState, config: Config, runtime: Runtime, tensors: dic
             return False
     bar.close()
     return True
-
-
-def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.3f}", f"train {record['train_accuracy']:.3f}",
-             f"test {record['test_accuracy']:.4f}"]
-    parts += [f"{key.replace('_accuracy', '')} {record[key]:.4f}" for key in ("ema_test_accuracy", "val_accuracy", "ema_val_accuracy") if key in record]
-    parts.append(f"{record['images_per_second']:,.0f} img/s")
-    return " | ".join(parts)
 
 
 def fit(config: Config) -> FitResult:
