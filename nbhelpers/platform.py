@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -77,6 +79,25 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "OUT_DIR") -> Path:
             f"{what}={str(path)!r} cannot be written ({error.strerror or error}). "
             f"Set {what} to a writable folder, e.g. /kaggle/working/outputs on Kaggle or /content/outputs on Colab."
         ) from error
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through `write(file)` into a temp file beside `path`, fsync, then os.replace it into place.
+
+    A crash or error mid-write leaves any previous file at `path` untouched and no temp file behind.
+    """
+    path = Path(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
     return path
 
 
