@@ -181,27 +181,58 @@ def test_trivial_augment_applies_the_sampled_ops_and_differs_per_sample():
     assert distances.min() > 1e-3, "two copies of one image got the same augmentation"
 
 
-def test_random_erasing_rectangles():
-    x = torch.ones(64, 3, 32, 32)
-    assert torch.equal(augment.random_erasing(x, 0.0), x)
+def erased_box(changed: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the one rectangle that `changed` (H, W) bool marks; fails if it is not one rectangle."""
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    assert len(rows) > 0, "no pixel was erased"
+    box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.all() and box.sum() == changed.sum(), "erased pixels do not form one rectangle"
+    return box.shape[0], box.shape[1]
+
+
+@pytest.mark.parametrize("fill", ["noise", "zeros"])
+def test_random_erasing_probability_zero_and_one(fill):
     torch.manual_seed(0)
-    erased = augment.random_erasing(x, 1.0, fill="zeros") == 0  # (B, 3, H, W)
-    assert torch.equal(erased[:, 0], erased[:, 2])  # same rectangle in every channel
-    for mask in erased[:, 0]:
-        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-        assert box.all(), "erased pixels do not form one rectangle"
-        assert 0.01 * 1024 <= mask.sum() <= 0.40 * 1024
+    x = torch.randn(128, 3, 32, 32) + 5.0  # normalised-looking values, none of them 0
+    assert torch.equal(augment.random_erasing(x, 0.0, fill=fill), x)  # bit for bit, either fill
+    out = augment.random_erasing(x, 1.0, fill=fill)
+    changed = out != x  # (B, 3, H, W); outside the rectangle every pixel is untouched
+    assert torch.equal(changed[:, 0], changed[:, 1]) and torch.equal(changed[:, 0], changed[:, 2])
+    if fill == "zeros":
+        assert (out[changed] == 0).all()
+    sizes = [erased_box(mask) for mask in changed[:, 0]]  # exactly one rectangle in every image
+    for height, width in sizes:
+        # 2%-33% of the area and aspect 0.3-3.3 requested; whole-pixel rounding and clipping widen that a little.
+        assert 0.015 * 1024 <= height * width <= 0.36 * 1024, (height, width)
+        assert 0.2 <= height / width <= 5.0, (height, width)
+    assert len(set(sizes)) > 30, "rectangle sizes should vary per image"
+    half = augment.random_erasing(x, 0.5, fill=fill) != x
+    assert 40 <= half.flatten(1).any(1).sum() <= 88  # Binomial(128, 0.5): mean 64, sd 5.7
 
 
-def test_random_erasing_zero_probability_leaves_images_unchanged():
-    images, labels = batch()
+def test_random_erasing_in_the_pipeline_only_adds_one_rectangle():
+    images, labels = batch(32)
     plain, _ = GpuAugment(OFF, 10)(images, labels)
+    erased, _ = GpuAugment(only(random_erasing=1.0), 10)(images, labels)
+    for mask in (erased != plain).any(1):
+        erased_box(mask)
+
+
+def test_whole_pipeline_traces_as_one_graph_without_host_sync():
+    # fullgraph=True fails on any graph break: .item(), .tolist(), Python branching on tensor values, or ops whose
+    # output shape depends on data (nonzero, masked_select). Those would stall the GPU every step.
+    import torch._dynamo
+    config = dataclasses.replace(AugmentConfig(), mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.7,
+                                 random_erasing=0.25, label_smoothing=0.1)
+    augmenter = GpuAugment(config, 10)
+    images, labels = batch(32)
+    torch._dynamo.reset()
+    compiled = torch.compile(augmenter.__call__, backend="eager", fullgraph=True)
     torch.manual_seed(0)
-    erased_off, _ = GpuAugment(only(random_erasing=0.0), 10)(images, labels)
-    erased_on, _ = GpuAugment(only(random_erasing=1.0), 10)(images, labels)
-    assert torch.equal(erased_off, plain)
-    assert (erased_on != plain).flatten(1).any(1).all()
+    traced = compiled(images, labels)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(traced, augmenter(images, labels)))
+    torch._dynamo.reset()
 
 
 def test_label_smoothing_values():

@@ -42,3 +42,10 @@ def test_inconsistent_settings_are_refused():
 def test_round_trip_through_dict():
     config = build_config("best")
     assert Config.from_dict(config.to_dict()) == config
+
+
+def test_conv_tokenizer_ignores_patch_size():
+    config = build_config("fast", tokenizer="conv", patch_size=5)
+    from nbhelpers.vit.model import VisionTransformer
+
+    assert VisionTransformer(config.model).num_tokens > 0

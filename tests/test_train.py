@@ -38,7 +38,8 @@ def test_smoke_preset_learns_synthetic_data_and_writes_report(tmp_path):
     assert summary["wall_seconds"] >= summary["train_seconds"] > 0
     best = load_checkpoint(tmp_path / "best.pt")  # no validation split: the final state, complete
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "step", "config"} <= set(best)
-    assert best["step"] == summary["steps"] and best["val_accuracy"] is None
+    assert best["step"] == summary["steps"]
+    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
     assert len(summary["per_class_accuracy"]) == 10 and len(summary["confusion_matrix"]) == 10
     assert sum(map(sum, summary["confusion_matrix"])) == summary["test_images"]
     assert "chosen on the test set" in summary["best_epoch_test_accuracy"]["note"]
@@ -169,3 +170,39 @@ def test_every_preset_trains_a_few_steps(tmp_path, preset):
     assert result.step == 2 and result.status == "finished"
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     assert result.summary["parameters"] == sum(p.numel() for p in result.model.parameters())
+
+
+def test_resume_under_another_precision_and_optimizer_flags(tmp_path):
+    # Kaggle/Colab hand out different GPUs between sessions: a bf16/fp32 checkpoint (empty GradScaler state) must
+    # resume under fp16, and the optimizer's fused flag must follow this machine, not the checkpoint.
+    fit(smoke(tmp_path, epochs=2, stop_after_epochs=1, precision="fp32"))
+    payload = load_checkpoint(tmp_path / "last.pt")
+    assert payload["scaler"] == {}
+    for group in payload["optimizer"]["param_groups"]:
+        group["fused"] = True  # as if written on a CUDA machine
+    torch.save(payload, tmp_path / "last.pt")
+    from nbhelpers.vit import train as train_module
+
+    seen = {}
+    original_load = train_module.TrainState.load
+
+    def spy(self, data):
+        original_load(self, data)
+        seen["fused"] = [group["fused"] for group in self.optimizer.param_groups]
+
+    train_module.TrainState.load = spy
+    try:
+        result = fit(smoke(tmp_path, epochs=2, precision="fp16"))
+    finally:
+        train_module.TrainState.load = original_load
+    assert result.status == "finished" and result.step == 2 * (2000 // 64)
+    assert seen["fused"] == [None, None] or seen["fused"] == [False, False]
+
+
+def test_resume_from_a_previous_output_folder(tmp_path):
+    fit(smoke(tmp_path / "version1", epochs=2, stop_after_epochs=1))
+    with pytest.raises(FileNotFoundError, match="RESUME_FROM"):
+        fit(smoke(tmp_path / "version2", epochs=2, resume_from=str(tmp_path / "nothing-here")))
+    result = fit(smoke(tmp_path / "version3", epochs=2, resume_from=str(tmp_path / "version1")))
+    assert result.step == 2 * (2000 // 64) and [r["epoch"] for r in result.history] == [1, 2]
+    assert load_checkpoint(tmp_path / "version1" / "last.pt")["step"] == 2000 // 64, "the source is left as it was"

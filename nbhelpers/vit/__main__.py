@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--fresh", action="store_true", default=None, help="move an existing checkpoint aside and start over")
+    parser.add_argument("--resume-from", help="a previous run's last.pt or output folder to continue in --out")
     parser.add_argument("--stop-after-epochs", type=int)
     parser.add_argument("--no-plots", dest="report_plots", action="store_false", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any other config field, e.g. --set dim=256")

@@ -29,19 +29,24 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # ----------------------------------------------------------------------------- normalisation + targets
 
 
+def _build_channel_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+
+
 @functools.lru_cache(maxsize=8)
 def _channel_stats(device: torch.device) -> tuple[Tensor, Tensor]:
     # Cached: a blocking host-to-device copy would sync the GPU on every batch. Built outside
     # inference mode so tensors cached during evaluation are also usable while training.
     with torch.inference_mode(False):
-        mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
-    return mean, std
+        return _build_channel_stats(device)
 
 
 def normalize_unit(images: Tensor) -> Tensor:
     """Float images in [0, 1] (B, 3, H, W) -> CIFAR-10 normalised float32."""
-    mean, std = _channel_stats(images.device)
+    # Under torch.compile the constants are traced into the graph (Dynamo would bypass the cache with a warning).
+    building = torch.compiler.is_compiling()
+    mean, std = _build_channel_stats(images.device) if building else _channel_stats(images.device)
     return (images.float() - mean) / std
 
 

@@ -1,6 +1,7 @@
 """TrivialAugment-style op set on float image batches: photometric and geometric ops, op assignment, dispatch."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -134,10 +135,25 @@ def sample_op_assignment(batch_size: int, magnitude: float, device: torch.device
     return order, torch.where(torch.rand(batch_size, device=device) < 0.5, -strength, strength)
 
 
-def _op_at_position(batch_size: int, device: torch.device) -> Tensor:
-    # (B,) index into OP_NAMES for each position of the shuffled batch: chunk k holds op k.
+def _build_op_at_position(batch_size: int, device: torch.device) -> Tensor:
+    # (B,) index into OP_NAMES for each position of the shuffled batch: chunk k holds op k. Static shapes only.
     sizes = op_chunk_sizes(batch_size)
     return torch.cat([torch.full((size,), index, device=device) for index, size in enumerate(sizes)])
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_op_at_position(batch_size: int, device_type: str, device_index: int | None) -> Tensor:
+    # Built outside inference mode so a tensor first cached during evaluation is also usable while training.
+    with torch.inference_mode(False):
+        return _build_op_at_position(batch_size, torch.device(device_type, device_index))
+
+
+def _op_at_position(batch_size: int, device: torch.device) -> Tensor:
+    """(B,) int64 index into OP_NAMES for each position of the shuffled batch. Shared: read it, never modify it."""
+    if torch.compiler.is_compiling():
+        # Dynamo would bypass the lru_cache anyway (with a warning); traced, the build is part of the graph.
+        return _build_op_at_position(batch_size, device)
+    return _cached_op_at_position(batch_size, device.type, device.index)  # eager: 13 fills + a cat once, not per step
 
 
 def op_per_image(order: Tensor) -> Tensor:

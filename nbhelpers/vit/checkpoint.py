@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from nbhelpers.platform import atomic_write
+
+if TYPE_CHECKING:
+    from nbhelpers.vit.config import Config
+    from nbhelpers.vit.train import TrainState
 
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it: they change
 # where and how fast we run, not what is trained.
 RUNTIME_FIELDS = {
     "data_root", "out_dir", "device", "precision", "compile", "resume", "fresh", "stop_after_epochs",
-    "log_every", "checkpoint_minutes", "report_plots", "eval_batch_size",
+    "log_every", "checkpoint_minutes", "report_plots", "eval_batch_size", "tta", "resume_from",
 }
 
 
@@ -28,25 +34,27 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file beside `path`, fsync, then os.replace (never a partial file at `path`)."""
-    path = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    """torch.save through a temp file and os.replace: never a partial file at `path`."""
+    atomic_write(path, lambda file: torch.save(payload, file))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` hold the same bytes as `source` atomically: a hard link where the file system allows."""
+    temp = target.with_name(f".{target.name}.link.tmp")
+    temp.unlink(missing_ok=True)
     try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+        os.link(source, temp)
+        os.replace(temp, target)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        atomic_write(target, lambda file: file.write(source.read_bytes()))
 
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the training loop draws from (augmentation runs on the device's generator)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # the current device only: resuming on a machine with another GPU count works
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -54,8 +62,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available() and isinstance(state["cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"])
+    elif torch.cuda.is_available():
+        warnings.warn("The checkpoint holds no CUDA RNG state (it was written on another device): augmentation "
+                      "after the resume will not replay the interrupted run exactly.", stacklevel=2)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -99,3 +110,48 @@ def move_aside(path: Path) -> Path | None:
     target = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(path, target)
     return target
+
+
+# ----------------------------------------------------------------------------- training state on disk
+
+
+def adopt_checkpoint(source: Path, last: Path) -> None:
+    """Copy RESUME_FROM (a last.pt, or a folder holding one) into OUT_DIR, e.g. a previous Kaggle version's output."""
+    found = [source] if source.is_file() else sorted(source.rglob("last.pt")) if source.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"RESUME_FROM={str(source)!r} is not a last.pt file nor a folder containing one. "
+                                "Point it at the previous run's OUT_DIR (on Kaggle: its output attached under /kaggle/input).")
+    load_checkpoint(found[0])  # refuse a corrupt file before copying it
+    link_or_copy(found[0], last)
+    print(f"RESUME_FROM: continuing {found[0]} (copied to {last}).")
+
+
+def restore_or_start(state: "TrainState", config: "Config", out_dir: Path) -> None:
+    """Resume from last.pt when allowed; FRESH moves old checkpoints aside instead of deleting them."""
+    last = out_dir / "last.pt"
+    if config.train.fresh:
+        for name in ("last.pt", "best.pt"):
+            moved = move_aside(out_dir / name)
+            if moved:
+                print(f"FRESH=True: moved {name} aside to {moved.name}")
+        return
+    if not last.exists() and config.train.resume_from:
+        adopt_checkpoint(Path(config.train.resume_from).expanduser(), last)
+    if not last.exists():
+        return
+    if not config.train.resume:
+        raise CheckpointError(f"{last} exists and RESUME=False. Set RESUME=True to continue it, FRESH=True to start over, or choose another OUT_DIR.")
+    payload = load_checkpoint(last)
+    check_compatible(payload["config"], config.to_dict(), last)
+    state.load(payload)
+    print(f"Resumed from {last} at step {state.step} (epoch {len(state.history)}).")
+
+
+def save_last(state: "TrainState", config: "Config", out_dir: Path) -> None:
+    atomic_torch_save(state.payload(config), out_dir / "last.pt")
+
+
+def save_best(state: "TrainState", config: "Config", out_dir: Path, epoch: int) -> None:
+    """best.pt holds the same full state as last.pt, plus which epoch it is and its validation accuracy."""
+    payload = state.payload(config) | {"epoch": epoch, "val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None}
+    atomic_torch_save(payload, out_dir / "best.pt")

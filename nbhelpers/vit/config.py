@@ -74,6 +74,7 @@ class TrainConfig:
     compile: bool | None = None  # None = on only where torch.compile works (CUDA, Triton)
     resume: bool = True  # continue from out_dir/last.pt when it exists
     fresh: bool = False  # ignore (and move aside) an existing or corrupt last.pt and start over
+    resume_from: str | None = None  # a last.pt (or a folder holding one) to continue when out_dir has none, e.g. a previous Kaggle version's output under /kaggle/input
     stop_after_epochs: int | None = None  # stop early after this many epochs in this call (tests, time-boxing)
     report_plots: bool = True  # draw and save plots at the end
 
@@ -194,15 +195,26 @@ def build_config(preset: str = "fast", **overrides: Any) -> Config:
     return config
 
 
-def validate(config: Config) -> None:
-    """Raise ValueError with a fix for settings that cannot work together."""
-    model, train = config.model, config.train
+def validate_model(model: ModelConfig) -> None:
+    """Raise ValueError with a fix for model settings that cannot work (also called by VisionTransformer)."""
     checks = [
         (model.tokenizer in ("patch", "spt", "conv"), f"tokenizer={model.tokenizer!r}: use 'patch', 'spt' or 'conv'."),
         (model.pool in ("cls", "mean", "seqpool"), f"pool={model.pool!r}: use 'cls', 'mean' or 'seqpool'."),
         (model.pos_embed in ("learned", "sincos"), f"pos_embed={model.pos_embed!r}: use 'learned' or 'sincos'."),
         (model.dim % model.heads == 0, f"dim={model.dim} is not divisible by heads={model.heads}."),
-        (model.image_size % model.patch_size == 0, f"image_size={model.image_size} is not a multiple of patch_size={model.patch_size}."),
+        (model.tokenizer == "conv" or model.image_size % model.patch_size == 0,
+         f"image_size={model.image_size} is not a multiple of patch_size={model.patch_size}."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def validate(config: Config) -> None:
+    """Raise ValueError with a fix for settings that cannot work together."""
+    validate_model(config.model)
+    train = config.train
+    checks = [
         (train.dataset in ("cifar10", "synthetic"), f"dataset={train.dataset!r}: use 'cifar10' or 'synthetic'."),
         (train.epochs >= 1, f"epochs={train.epochs}: must be at least 1."),
         (train.batch_size >= 1, f"batch_size={train.batch_size}: must be at least 1."),

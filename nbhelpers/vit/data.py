@@ -7,14 +7,13 @@ a torchvision download. `dataset='synthetic'` generates a small learnable stand-
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nbhelpers.platform import ensure_writable_dir
+from nbhelpers.platform import atomic_write, ensure_writable_dir
 from nbhelpers.vit.config import TrainConfig
 # CIFAR10_CLASSES is re-exported: callers import it from this module.
 from nbhelpers.vit.data_sources import (  # noqa: F401
@@ -152,15 +151,10 @@ def _write_cache(path: Path, key: str, arrays: _Arrays) -> None:
     train_images, train_labels, test_images, test_labels, classes = arrays
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:  # a file object: np.savez would append ".npz" to a name
-                np.savez(file, train_images=train_images, train_labels=train_labels, test_images=test_images,
-                         test_labels=test_labels, classes=np.asarray(classes, dtype=str), source=np.asarray(key))
-            os.replace(temp_name, path)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+        # np.savez gets a file object: given a name it would append ".npz" to it
+        atomic_write(path, lambda file: np.savez(
+            file, train_images=train_images, train_labels=train_labels, test_images=test_images,
+            test_labels=test_labels, classes=np.asarray(classes, dtype=str), source=np.asarray(key)))
     except OSError as error:
         warnings.warn(f"Could not write the data cache {path} ({error}); the data will be decoded again next run.", stacklevel=3)
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import ModelConfig, validate_model
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -178,20 +178,6 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-def _check_config(config: ModelConfig) -> None:
-    checks = [
-        (config.tokenizer in ("patch", "spt", "conv"), f"tokenizer={config.tokenizer!r}: use 'patch', 'spt' or 'conv'."),
-        (config.pool in ("cls", "mean", "seqpool"), f"pool={config.pool!r}: use 'cls', 'mean' or 'seqpool'."),
-        (config.pos_embed in ("learned", "sincos"), f"pos_embed={config.pos_embed!r}: use 'learned' or 'sincos'."),
-        (config.dim % config.heads == 0, f"dim={config.dim} is not divisible by heads={config.heads}."),
-        (config.tokenizer == "conv" or config.image_size % config.patch_size == 0,
-         f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}."),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 class VisionTransformer(nn.Module):
     """ViT for (B, 3, image_size, image_size) inputs normalised per channel; returns (B, num_classes) logits."""
 
@@ -199,7 +185,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        _check_config(config)
+        validate_model(config)
         self.config = config
         dim = config.dim
         if config.tokenizer == "patch":

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from nbhelpers.platform import Runtime, ensure_writable_dir, resolve_paths, select_runtime
 from nbhelpers.vit import checkpoint as ckpt
+from nbhelpers.vit.checkpoint import restore_or_start, save_best, save_last
 from nbhelpers.vit.augment import GpuAugment
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits, load_data
@@ -51,13 +52,14 @@ class ModelEma(nn.Module):
         super().__init__()
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_values = list(self.module.state_dict().values())
-        model_values = list(model.state_dict().values())
-        floats = [(e, m) for e, m in zip(ema_values, model_values) if e.dtype.is_floating_point]
-        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - self.decay)
+        if self._pairs is None:  # built once: load_state_dict copies in place, so these tensors stay the live ones
+            pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values()) if e.dtype.is_floating_point]
+            self._pairs = ([e for e, _ in pairs], [m for _, m in pairs])
+        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1.0 - self.decay)
 
 
 def build_optimizer(model: VisionTransformer, config: Config, runtime: Runtime) -> torch.optim.AdamW:
@@ -101,9 +103,13 @@ class TrainState:
         self.model.load_state_dict(payload["model"])
         if self.ema is not None and payload.get("ema") is not None:
             self.ema.module.load_state_dict(payload["ema"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group, flag in zip(self.optimizer.param_groups, fused):  # this machine decides (CPU run resumed on CUDA)
+            group["fused"] = flag
         self.scheduler.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
+        if payload["scaler"]:  # empty when written under bf16/fp32; resuming as fp16 then starts a fresh scale
+            self.scaler.load_state_dict(payload["scaler"])
         ckpt.restore_rng_state(payload["rng"])
         self.step, self.history = payload["step"], payload["history"]
         self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
@@ -121,25 +127,6 @@ def build_state(config: Config, runtime: Runtime, steps_per_epoch: int) -> Train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     return TrainState(model, ema, optimizer, scheduler, scaler)
-
-
-def restore_or_start(state: TrainState, config: Config, out_dir: Path) -> None:
-    """Resume from last.pt when allowed; FRESH moves old checkpoints aside instead of deleting them."""
-    last = out_dir / "last.pt"
-    if config.train.fresh:
-        for name in ("last.pt", "best.pt"):
-            moved = ckpt.move_aside(out_dir / name)
-            if moved:
-                print(f"FRESH=True: moved {name} aside to {moved.name}")
-        return
-    if not last.exists():
-        return
-    if not config.train.resume:
-        raise ckpt.CheckpointError(f"{last} exists and RESUME=False. Set RESUME=True to continue it, FRESH=True to start over, or choose another OUT_DIR.")
-    payload = ckpt.load_checkpoint(last)
-    ckpt.check_compatible(payload["config"], config.to_dict(), last)
-    state.load(payload)
-    print(f"Resumed from {last} at step {state.step} (epoch {len(state.history)}).")
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -205,14 +192,12 @@ def check_finite(loss_sum: torch.Tensor, state: TrainState, out_dir: Path) -> No
         )
 
 
-def save_last(state: TrainState, config: Config, out_dir: Path) -> None:
-    ckpt.atomic_torch_save(state.payload(config), out_dir / "last.pt")
-
-
-def save_best(state: TrainState, config: Config, out_dir: Path, epoch: int) -> None:
-    """best.pt holds the same full state as last.pt, plus which epoch it is and its validation accuracy."""
-    payload = state.payload(config) | {"epoch": epoch, "val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None}
-    ckpt.atomic_torch_save(payload, out_dir / "best.pt")
+def account_time(state: TrainState, since: float) -> float:
+    """Add the training time since `since` to the state's totals; return now."""
+    now = time.perf_counter()
+    state.train_seconds += now - since
+    state.wall_seconds += now - since
+    return now
 
 
 def train_one_epoch(state: TrainState, train_step, config: Config, tensors: dict[str, torch.Tensor], out_dir: Path, bar: tqdm) -> dict[str, Any]:
@@ -226,6 +211,7 @@ def train_one_epoch(state: TrainState, train_step, config: Config, tensors: dict
     loss_sum = torch.zeros((), device=order.device)
     correct_sum = torch.zeros((), device=order.device, dtype=torch.long)
     window_start, window_steps, epoch_start, last_save = time.perf_counter(), 0, time.perf_counter(), time.monotonic()
+    accounted = epoch_start
     for index in range(offset, steps_per_epoch):
         batch = order[index * train.batch_size:(index + 1) * train.batch_size]
         loss, correct = train_step(tensors["train_images"][batch], tensors["train_labels"][batch], mix)
@@ -241,13 +227,15 @@ def train_one_epoch(state: TrainState, train_step, config: Config, tensors: dict
             bar.update(window_steps)
             window_start, window_steps = time.perf_counter(), 0
             if time.monotonic() - last_save > train.checkpoint_minutes * 60 and index < steps_per_epoch - 1:
+                accounted = account_time(state, accounted)  # a resumed run keeps the time spent so far
                 save_last(state, config, out_dir)  # wall-clock checkpoint inside long epochs
                 last_save = time.monotonic()
+    account_time(state, accounted)
     seconds, done = time.perf_counter() - epoch_start, steps_per_epoch - offset
-    state.train_seconds += seconds
     return {"epoch": epoch + 1, "step": state.step, "train_loss": loss_sum.item() / done,
             "train_accuracy": correct_sum.item() / (done * train.batch_size), "lr": state.scheduler.get_last_lr()[0],
-            "images_per_second": done * train.batch_size / seconds, "epoch_seconds": seconds, "mix": mix}
+            "images_per_second": done * train.batch_size / seconds, "epoch_seconds": seconds, "mix": mix,
+            "steps": done}  # fewer than an epoch's when the run resumed mid-epoch
 
 
 def run_epochs(state: TrainState, config: Config, runtime: Runtime, tensors: dict[str, torch.Tensor], out_dir: Path) -> bool:
@@ -259,10 +247,10 @@ def run_epochs(state: TrainState, config: Config, runtime: Runtime, tensors: dic
     epochs_this_call = 0
     state.model.train()
     while state.step < total_steps:
-        epoch_start = time.perf_counter()
         record = train_one_epoch(state, train_step, config, tensors, out_dir, bar)
+        evaluation_start = time.perf_counter()
         record.update(evaluate_epoch(state, tensors, runtime, config))
-        state.wall_seconds += time.perf_counter() - epoch_start
+        state.wall_seconds += time.perf_counter() - evaluation_start
         state.history.append(record)
         tqdm.write(format_epoch(record, train.epochs))
         if "val_accuracy" in record and record.get("ema_val_accuracy", record["val_accuracy"]) > state.best_val_accuracy:
@@ -300,6 +288,8 @@ def fit(config: Config) -> FitResult:
     tensors = to_device(data, runtime.device)
     if not run_epochs(state, config, runtime, tensors, out_dir):
         return FitResult(config, out_dir, "stopped", state.step, state.history, {})
-    if not (out_dir / "best.pt").exists() or len(data.val_labels) == 0:
-        save_best(state, config, out_dir, len(state.history))  # no validation split: best.pt = final weights
+    if len(data.val_labels) == 0:  # no validation split: best.pt is the final state, the same bytes as last.pt
+        ckpt.link_or_copy(out_dir / "last.pt", out_dir / "best.pt")
+    elif not (out_dir / "best.pt").exists():
+        save_best(state, config, out_dir, len(state.history))
     return report.finish(state, config, runtime, data, tensors, out_dir)
