@@ -6,16 +6,14 @@ is also recorded, labelled as chosen on the test set, only to compare with write
 from __future__ import annotations
 
 import json
-import os
 import platform as python_platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from nbhelpers.platform import Runtime
+from nbhelpers.platform import Runtime, atomic_write
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits
 from nbhelpers.vit.evaluate import evaluate
@@ -54,14 +52,8 @@ def best_epoch(history: list[dict[str, Any]], key: str) -> dict[str, Any] | None
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2, default=float)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=2, default=float)
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -98,21 +90,19 @@ def finish(state, config: Config, runtime: Runtime, data: DataSplits, tensors: d
     from nbhelpers.vit.train import FitResult
 
     images, labels, batch = tensors["test_images"], tensors["test_labels"], config.train.eval_batch_size
-    raw = evaluate(state.model, images, labels, runtime, batch)
+    last = state.history[-1]  # raw and EMA test accuracy of the final weights were measured at the last epoch
     final_model = state.ema.module if state.ema is not None else state.model
-    final: dict[str, Any] = {"raw": raw.accuracy}
-    chosen = raw
+    final: dict[str, Any] = {"raw": last["test_accuracy"]}
     if state.ema is not None:
-        chosen = evaluate(final_model, images, labels, runtime, batch)
-        final["ema"] = chosen.accuracy
+        final["ema"] = last["ema_test_accuracy"]
+    chosen = evaluate(final_model, images, labels, runtime, batch, tta=config.train.tta)
     if config.train.tta:
-        chosen = evaluate(final_model, images, labels, runtime, batch, tta=True)
         final["tta"] = chosen.accuracy
     final["reported"] = chosen.accuracy
     final["reported_is"] = "+".join(["ema" if state.ema is not None else "raw"] + (["flip-tta"] if config.train.tta else []))
     summary = build_summary(state, config, runtime, data, final, chosen.predictions)
     write_json_atomic(summary, out_dir / "run_summary.json")
-    print(f"final test accuracy ({final['reported_is']}): {final['reported']:.4f} | raw {raw.accuracy:.4f} | summary: {out_dir / 'run_summary.json'}")
+    print(f"final test accuracy ({final['reported_is']}): {final['reported']:.4f} | raw {final['raw']:.4f} | summary: {out_dir / 'run_summary.json'}")
     result = FitResult(config, out_dir, "finished", state.step, state.history, summary, final_model, data, chosen.predictions)
     if config.train.report_plots:
         save_all_plots(result, show=False)
@@ -133,7 +123,7 @@ def _finish_figure(figure, path: Path, show: bool):
     """Save the figure as PNG; display it inline when asked and running under IPython; free it."""
     import matplotlib.pyplot as plt
 
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120, bbox_inches="tight"))
     if show:
         try:
             from IPython.display import display
@@ -241,6 +231,22 @@ def plot_attention(result, count: int = 6, show: bool = True) -> Path | None:
         axes[1, column].axis("off")
     figure.suptitle("last-layer attention (mean over heads)")
     return _finish_figure(figure, result.out_dir / "attention.png", show)
+
+
+PLOTS = {"curves": plot_curves, "confusion": plot_confusion, "misclassified": plot_misclassified, "attention": plot_attention}
+
+
+def show_plot(result, name: str) -> None:
+    """Show `<name>.png` that `fit` saved in OUT_DIR (drawn now if it was not saved); name is a key of PLOTS."""
+    from IPython.display import Image, display
+
+    assert name in PLOTS, f"unknown plot {name!r}; choose one of {sorted(PLOTS)}"
+    if not _finished(result):
+        return
+    path = result.out_dir / f"{name}.png"
+    if not path.exists():
+        PLOTS[name](result, show=False)
+    display(Image(filename=str(path)))
 
 
 def save_all_plots(result, show: bool = False) -> list[Path]:
