@@ -86,7 +86,10 @@ def tiny_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _save_atomically(target: Path, save) -> Path:
-    """Build into a temporary sibling folder, then rename: a half-written model folder is never reused."""
+    """Build into a temporary sibling folder, then rename: a half-written model folder is never reused.
+
+    Not nbhelpers.platform.atomic_write: that replaces one file, while save_pretrained writes several files
+    (config, weights, tokenizer, processor) that must appear together, so the whole folder is renamed."""
     if (target / "config.json").is_file():
         return target
     if target.exists():  # a leftover without config.json (an interrupted older build): rebuild it
@@ -129,8 +132,9 @@ def _save_grounding_dino(folder: Path) -> None:
 
 def _save_sam2(folder: Path) -> None:
     """Saved like the hub's facebook/sam2.1-hiera-* repos: a `sam2_video` checkpoint with a Sam2VideoProcessor,
-    which Sam2Model / Sam2Processor load for still images. Hidden sizes are 128 because the video memory path
-    breaks at 64 and below (NOTES.md), so the same folder also serves Sam2VideoModel."""
+    which Sam2Model / Sam2Processor load for still images. Hidden sizes are 128 because Sam2VideoModel's memory
+    path failed with hidden sizes of 64 and below when these models were built, so the same folder also serves
+    Sam2VideoModel."""
     from transformers import (Sam2HieraDetConfig, Sam2ImageProcessor, Sam2VideoConfig, Sam2VideoModel,
                               Sam2VideoProcessor, Sam2VideoVideoProcessor, Sam2VisionConfig)
 

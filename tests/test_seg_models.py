@@ -181,3 +181,16 @@ def test_clipseg_probabilities_at_original_size(tiny_seg_models) -> None:
     maps = clipseg_probabilities(tiny_seg_models.clipseg, image, ["a cat", "the dog", "chat noir é"])
     assert maps.shape == (3, 50, 130) and maps.dtype == np.float32
     assert 0.0 <= maps.min() and maps.max() <= 1.0 and maps.std() > 0
+
+
+def test_release_drops_other_models_of_one_kind(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    runtime = seg_models.select_runtime("cpu", verbose=False)
+    copy = shutil.copytree(tiny_seg_model_dirs["sam"], tmp_path / "sam-copy")  # same weights, another id
+    load_sam2(tiny_seg_model_dirs["sam"], runtime)
+    latest, dino = load_sam2(copy, runtime), load_grounding_dino(tiny_seg_model_dirs["dino"], runtime)
+    assert seg_models.release("sam2", keep=latest) >= 1
+    assert [loaded for key, loaded in seg_models._CACHE.items() if key[0] == "sam2"] == [latest]
+    assert load_grounding_dino(tiny_seg_model_dirs["dino"], runtime) is dino  # other kinds stay cached
+    assert seg_models.release("sam2", keep=latest) == 0
+    with pytest.raises(ValueError, match="unknown model kind"):
+        seg_models.release("sam3")

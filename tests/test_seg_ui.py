@@ -1,13 +1,17 @@
 """The ipywidgets UI without a browser: widget tree, run_once, the click handler and the non-interactive rule.
 
-The real models belong to nbhelpers.seg.models and need downloaded weights, so `segment_image` and the
-models loader are replaced by stand-ins here; they record what the UI passes and return a hand-made
-Segmentation. Everything else (load_image, overlay, figure, export) is the real code.
+Everything runs the real code on the tiny random models of tests/conftest.py: loading, segment_image, overlay,
+figure and export. The outcome is made deterministic by the settings: box_threshold=1.0 is never exceeded, so
+GroundingDINO finds nothing, and clipseg_threshold=0.0 turns the CLIPSeg fallback into one whole-image region
+per phrase. segment_image is only wrapped (the real one runs) to record what the UI passed to it. Stand-ins
+remain for what cannot exist inside pytest: a Jupyter kernel and the browser sending an upload.
 """
 from __future__ import annotations
 
 import base64
+import io
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,40 +23,53 @@ matplotlib.use("Agg")  # headless test run
 import ipywidgets as widgets
 import numpy as np
 import pytest
+from PIL import Image
 
 import nbhelpers.seg.image as image_module
-from nbhelpers.seg.image import Segmentation
+from nbhelpers.seg import models as seg_models
+from nbhelpers.seg import pipeline
+from nbhelpers.seg.render import overlay
 from nbhelpers.seg.ui import DEFAULTS, SAM_CHECKPOINTS, build_ui, launch_ui, noninteractive_reason, run_once
 
 REPO = Path(__file__).resolve().parents[1]
+FALLBACK = {"box_threshold": 1.0, "clipseg_threshold": 0.0}  # deterministic: one whole-image region per phrase
 
 
-class FakeModelsLoader:
-    """Stand-in for nbhelpers.seg.models.load_models: counts loads per SAM checkpoint."""
+class TinyModelsLoader:
+    """A real models loader (load_models on the CPU) for two SAM sizes: "tiny" is the tiny SAM folder, "small"
+    a copy of it at another path, i.e. another model id, as a different size would be. Records each load."""
 
-    def __init__(self) -> None:
-        self.loaded: list[str] = []
+    def __init__(self, dirs: dict[str, Path], small_sam: Path) -> None:
+        self.dirs, self.loaded = dirs, []
+        self.sam_folders = {SAM_CHECKPOINTS["tiny"]: dirs["sam"], SAM_CHECKPOINTS["small"]: small_sam}
 
-    def __call__(self, sam_checkpoint: str) -> SimpleNamespace:
+    def __call__(self, sam_checkpoint: str) -> seg_models.SegmentationModels:
         self.loaded.append(sam_checkpoint)
-        return SimpleNamespace(sam_checkpoint=sam_checkpoint)
+        return seg_models.load_models(self.dirs["dino"], self.sam_folders[sam_checkpoint], self.dirs["clipseg"],
+                                      device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_sam(tiny_seg_model_dirs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(shutil.copytree(tiny_seg_model_dirs["sam"], tmp_path_factory.mktemp("second-sam") / "sam2"))
 
 
 @pytest.fixture
-def fake_segment(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Replace segment_image (real models cannot run here): one box + mask in the image's top-left quarter."""
+def loader(tiny_seg_model_dirs, small_sam: Path) -> TinyModelsLoader:
+    return TinyModelsLoader(tiny_seg_model_dirs, small_sam)
+
+
+@pytest.fixture
+def segment_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record what reaches segment_image; the real function still runs."""
     calls: list[dict] = []
+    real = image_module.segment_image
 
-    def segment_image(image, prompt, models, **thresholds) -> Segmentation:
-        calls.append({"shape": image.shape, "prompt": prompt, "models": models, **thresholds})
-        height, width = image.shape[:2]
-        masks = np.zeros((1, height, width), bool)
-        masks[0, height // 8: height // 2, width // 8: width // 2] = True
-        box = np.array([[width // 8, height // 8, width // 2, height // 2]], np.float32)
-        return Segmentation(box, np.array([0.8], np.float32), [prompt.rstrip(".")], masks, np.array([0.9], np.float32),
-                            "grounding-dino", (height, width), prompt, {"detect": 0.01, "segment": 0.02})
+    def recording_segment_image(image, prompt, models, **settings):
+        calls.append({"image": image.copy(), "prompt": prompt, "models": models, **settings})
+        return real(image, prompt, models, **settings)
 
-    monkeypatch.setattr(image_module, "segment_image", segment_image)
+    monkeypatch.setattr(image_module, "segment_image", recording_segment_image)
     return calls
 
 
@@ -64,11 +81,15 @@ def picture(tmp_path: Path) -> tuple[Path, np.ndarray]:
     return path, rgb
 
 
+def _cached_sams() -> list[str]:
+    return [key[1] for key in seg_models._CACHE if key[0] == "sam2"]
+
+
 # ----------------------------------------------------------------------------- widget tree
 
 
-def test_widget_tree_types_ranges_and_defaults() -> None:
-    ui = build_ui(FakeModelsLoader())
+def test_widget_tree_types_ranges_and_defaults(loader) -> None:
+    ui = build_ui(loader)
     assert isinstance(ui.upload, widgets.FileUpload) and isinstance(ui.path, widgets.Text)
     assert isinstance(ui.prompt, widgets.Text) and isinstance(ui.button, widgets.Button) and isinstance(ui.output, widgets.Output)
     assert ui.button.description == "Segment"
@@ -78,47 +99,51 @@ def test_widget_tree_types_ranges_and_defaults() -> None:
         assert (slider.min, slider.max, slider.step) == (0.0, 1.0, 0.01)
         assert slider.value == pytest.approx(DEFAULTS[name])
     assert (ui.box_threshold.value, ui.text_threshold.value, ui.clipseg_threshold.value) == pytest.approx((0.35, 0.25, 0.4))
+    assert (ui.nms_iou, ui.multimask) == (0.5, False)  # same defaults as segment_image
     assert isinstance(ui.sam_size, widgets.Dropdown) and list(ui.sam_size.options) == ["tiny", "small", "base-plus", "large"]
     assert ui.sam_size.value == "tiny"  # same default as nbhelpers.seg.models.DEFAULT_SAM
-    assert SAM_CHECKPOINTS["base-plus"] == "facebook/sam2.1-hiera-base-plus"
     assert all(checkpoint == f"facebook/sam2.1-hiera-{size}" for size, checkpoint in SAM_CHECKPOINTS.items())
     assert isinstance(ui.container, widgets.VBox) and ui.output in ui.container.children
+    assert loader.loaded == []  # building the widgets loads nothing
 
 
-def test_defaults_are_applied_and_checked() -> None:
-    ui = build_ui(FakeModelsLoader(), defaults={"prompt": "car.", "box_threshold": 0.5, "sam_size": "large", "image_path": "a.jpg"})
+def test_defaults_are_applied_and_checked(loader) -> None:
+    ui = build_ui(loader, defaults={"prompt": "car.", "box_threshold": 0.5, "sam_size": "large", "image_path": "a.jpg",
+                                    "nms_iou": 0.3, "multimask": True})
     assert (ui.prompt.value, ui.box_threshold.value, ui.sam_size.value, ui.path.value) == ("car.", 0.5, "large", "a.jpg")
-    with pytest.raises(ValueError, match="unknown keys"):
-        build_ui(FakeModelsLoader(), defaults={"box_treshold": 0.5})
-    with pytest.raises(ValueError, match="sam_size"):
-        build_ui(FakeModelsLoader(), defaults={"sam_size": "huge"})
+    assert (ui.nms_iou, ui.multimask) == (0.3, True)
+    for bad, message in [({"box_treshold": 0.5}, "unknown keys"), ({"sam_size": "huge"}, "sam_size"),
+                         ({"nms_iou": 1.5}, "nms_iou"), ({"multimask": "yes"}, "multimask")]:
+        with pytest.raises(ValueError, match=message):
+            build_ui(loader, defaults=bad)
 
 
 # ----------------------------------------------------------------------------- run_once
 
 
-def test_run_once_returns_segmentation_and_overlay(fake_segment: list[dict], picture) -> None:
+def test_run_once_returns_segmentation_and_overlay(loader, segment_calls, picture) -> None:
     path, rgb = picture
-    loader = FakeModelsLoader()
-    seg, drawn = run_once(str(path), " cat. ", 0.3, 0.2, 0.45, "tiny", loader)
+    seg, drawn = run_once(str(path), " cat. ", 1.0, 0.2, 0.0, "tiny", loader, nms_iou=0.3, multimask=True)
     assert loader.loaded == ["facebook/sam2.1-hiera-tiny"]
-    call = fake_segment[0]
-    assert call["prompt"] == "cat." and call["shape"] == (60, 80, 3) and call["models"].sam_checkpoint == loader.loaded[0]
-    assert (call["box_threshold"], call["text_threshold"], call["clipseg_threshold"]) == (0.3, 0.2, 0.45)
-    assert drawn.shape == rgb.shape and drawn.dtype == np.uint8
-    assert not np.array_equal(drawn[12:28, 14:38], rgb[12:28, 14:38])  # inside the mask: tinted
-    assert np.array_equal(drawn[45:, 55:], rgb[45:, 55:])  # far from it: untouched
-    assert len(seg) == 1
+    (call,) = segment_calls
+    assert call["prompt"] == "cat." and np.array_equal(call["image"], rgb)
+    assert call["models"].sam.model_id == str(loader.dirs["sam"].resolve())
+    settings = ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "multimask")
+    assert tuple(call[key] for key in settings) == (1.0, 0.2, 0.0, 0.3, True)
+    assert seg.source == "clipseg-fallback" and seg.labels == ["cat"] and seg.masks.shape == (1, 60, 80)
+    assert drawn.dtype == np.uint8 and np.array_equal(drawn, overlay(rgb, seg))  # drawn on the very same pixels
+    assert not np.array_equal(drawn, rgb)
 
 
-@pytest.mark.parametrize("prompt,sam_size,threshold,message", [
-    ("  ", "tiny", 0.3, "prompt is empty"), ("cat.", "huge", 0.3, "SAM size"), ("cat.", "tiny", 1.3, "box_threshold"),
+@pytest.mark.parametrize("prompt,sam_size,settings,message", [
+    ("  ", "tiny", {}, "prompt is empty"), ("cat.", "huge", {}, "SAM size"),
+    ("cat.", "tiny", {"box_threshold": 1.3}, "box_threshold"), ("cat.", "tiny", {"nms_iou": -0.1}, "nms_iou"),
 ])
-def test_run_once_rejects_bad_input(fake_segment, picture, prompt, sam_size, threshold, message) -> None:
-    loader = FakeModelsLoader()
+def test_run_once_rejects_bad_input(loader, segment_calls, picture, prompt, sam_size, settings, message) -> None:
+    arguments = {"box_threshold": 0.3, "text_threshold": 0.25, "clipseg_threshold": 0.4, **settings}
     with pytest.raises(ValueError, match=message):
-        run_once(str(picture[0]), prompt, threshold, 0.25, 0.4, sam_size, loader)
-    assert loader.loaded == [] and fake_segment == []  # nothing heavy started
+        run_once(str(picture[0]), prompt, sam_size=sam_size, models_loader=loader, **arguments)
+    assert loader.loaded == [] and segment_calls == []  # nothing heavy started
 
 
 # ----------------------------------------------------------------------------- click handler
@@ -131,62 +156,120 @@ def _outputs(ui) -> tuple[list[bytes], str, str]:
     return images, stdout, stderr
 
 
-def test_click_shows_figure_and_summary_and_reuses_models(fake_segment, picture, tmp_path: Path) -> None:
-    loader = FakeModelsLoader()
-    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0]), "sam_size": "tiny"}, out_dir=tmp_path / "out")
+def test_click_shows_figure_saves_real_metadata_and_reuses_models(loader, picture, tmp_path: Path) -> None:
+    defaults = {"prompt": "cat.", "image_path": str(picture[0]), "sam_size": "tiny", "nms_iou": 0.4, **FALLBACK}
+    ui = build_ui(loader, defaults=defaults, out_dir=tmp_path / "out")
     ui.button.click()
     images, stdout, stderr = _outputs(ui)
     assert len(images) == 1 and images[0].startswith(b"\x89PNG") and stderr == ""
-    assert "1 instance(s) for 'cat.'" in stdout and "saved" in stdout
+    assert "1 instance(s) for 'cat.' via clipseg-fallback" in stdout and "saved" in stdout
     saved = json.loads((tmp_path / "out" / "my_photo" / "detections.json").read_text())
-    assert saved["image"]["source_file"] == "my photo.png" and saved["models"]["sam"] == "facebook/sam2.1-hiera-tiny"
+    assert saved["image"]["source_file"] == "my photo.png" and len(saved["detections"]) == 1
+    # the models really loaded (local folders here), not the hub id the dropdown entry stands for
+    assert saved["models"]["sam_model"] == str(loader.dirs["sam"].resolve())
+    assert saved["models"]["dino_model"] == str(loader.dirs["dino"].resolve())
+    assert saved["models"]["sam_backend"] == "transformers:Sam2Model" and saved["models"]["device"] == "cpu"
+    assert saved["thresholds"] == {"box_threshold": 1.0, "text_threshold": 0.25, "clipseg_threshold": 0.0,
+                                   "nms_iou": 0.4, "multimask": False}
     ui.button.click()  # re-run: output replaced, not appended; models not reloaded
     assert len(_outputs(ui)[0]) == 1 and loader.loaded == ["facebook/sam2.1-hiera-tiny"]
+    assert saved["models"]["sam_model"] in _cached_sams()
+
+
+def test_switching_sam_size_keeps_only_the_latest_sam_cached(loader, picture, small_sam: Path, tmp_path: Path) -> None:
+    tiny_sam, other_sam = str(loader.dirs["sam"].resolve()), str(small_sam.resolve())
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0]), **FALLBACK}, out_dir=tmp_path)
     ui.sam_size.value = "small"
     ui.button.click()
-    assert loader.loaded == ["facebook/sam2.1-hiera-tiny", "facebook/sam2.1-hiera-small"]
+    assert other_sam in _cached_sams()  # a first click releases nothing: other SAMs may still be cached
     ui.sam_size.value = "tiny"
-    ui.button.click()  # only the last loaded set is kept (GPU memory), so tiny loads again
-    assert loader.loaded[-1] == "facebook/sam2.1-hiera-tiny" and len(loader.loaded) == 3
+    ui.button.click()  # switching drops the other SAM from the models cache (its memory can go)
+    assert loader.loaded == ["facebook/sam2.1-hiera-small", "facebook/sam2.1-hiera-tiny"]
+    assert _cached_sams() == [tiny_sam] and _outputs(ui)[2] == ""
+    detectors = [key[1] for key in seg_models._CACHE if key[0] == "grounding-dino"]
+    assert str(loader.dirs["dino"].resolve()) in detectors  # GroundingDINO stays cached
+    assert json.loads((tmp_path / "my_photo" / "detections.json").read_text())["models"]["sam_model"] == tiny_sam
     assert not ui.button.disabled
 
 
-def test_failed_save_still_shows_the_result(fake_segment, picture, tmp_path: Path) -> None:
+
+
+def test_failed_save_still_shows_the_result(loader, picture, tmp_path: Path) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("")
-    ui = build_ui(FakeModelsLoader(), defaults={"prompt": "cat.", "image_path": str(picture[0])}, out_dir=blocker)
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0]), **FALLBACK}, out_dir=blocker)
     ui.button.click()
     images, stdout, _ = _outputs(ui)
     assert len(images) == 1 and "not saved: PermissionError" in stdout and "writable folder" in stdout
 
 
-def test_click_with_an_uploaded_image(fake_segment, picture) -> None:
-    path, rgb = picture
-    ui = build_ui(FakeModelsLoader(), defaults={"prompt": "dog."})
+def _upload(ui, name: str, content: bytes) -> None:
     # What the browser sends (ipywidgets 8 format); a real upload needs a browser.
-    ui.upload.set_state({"value": [{"name": "up.png", "type": "image/png", "size": path.stat().st_size,
-                                    "content": memoryview(path.read_bytes()), "last_modified": 0}]})
+    ui.upload.set_state({"value": [{"name": name, "type": "image/png", "size": len(content),
+                                    "content": memoryview(content), "last_modified": 0}]})
+
+
+def test_uploaded_rgba_png_is_composited_on_white(loader, segment_calls) -> None:
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[:, :25] = (255, 0, 0, 255)  # opaque red; the right half is fully transparent black
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    ui = build_ui(loader, defaults={"prompt": "dog.", **FALLBACK})
+    _upload(ui, "up.png", buffer.getvalue())
     ui.button.click()
-    images, stdout, _ = _outputs(ui)
-    assert len(images) == 1 and "dog" in stdout and fake_segment[0]["shape"] == rgb.shape
+    images, stdout, stderr = _outputs(ui)
+    assert len(images) == 1 and "1 instance(s) for 'dog.'" in stdout and stderr == ""
+    image = segment_calls[0]["image"]
+    assert image.shape == (40, 50, 3) and (image[:, :25] == (255, 0, 0)).all() and (image[:, 25:] == 255).all()
 
 
-def test_click_errors_become_one_message(fake_segment, tmp_path: Path) -> None:
-    ui = build_ui(FakeModelsLoader(), defaults={"prompt": "cat."})
+def test_broken_upload_names_the_file(loader, segment_calls) -> None:
+    ui = build_ui(loader, defaults={"prompt": "dog."})
+    _upload(ui, "holiday.png", b"\x89PNG not really")
+    ui.button.click()
+    stderr = _outputs(ui)[2]
+    assert stderr.startswith("Could not segment: ValueError: holiday.png is not an image") and segment_calls == []
+
+
+def test_click_errors_become_one_message(loader, segment_calls, tmp_path: Path) -> None:
+    ui = build_ui(loader, defaults={"prompt": "cat."})
     ui.button.click()
     images, stdout, stderr = _outputs(ui)
     assert images == [] and stderr.startswith("Could not segment: ValueError: No image")
     assert "Traceback" not in stderr and not ui.button.disabled
     ui.path.value = str(tmp_path / "missing.jpg")
     ui.button.click()
-    assert _outputs(ui)[2].startswith("Could not segment:") and fake_segment == []
+    assert _outputs(ui)[2].startswith("Could not segment:") and segment_calls == [] and loader.loaded == []
+
+
+def test_pipeline_launch_ui_passes_the_configuration(tiny_seg_model_dirs, segment_calls, picture, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import IPython.display
+
+    from nbhelpers.seg import ui as ui_module
+
+    # No Jupyter kernel can run inside pytest: the rule is told there is one, and display only collects.
+    monkeypatch.setattr(ui_module, "noninteractive_reason", lambda: None)
+    monkeypatch.setattr(IPython.display, "display", lambda widget: None)
+    dirs = tiny_seg_model_dirs
+    config = pipeline.SegmentConfig(images=str(picture[0]), prompt="cat.", out_dir=str(tmp_path), dino_model=str(dirs["dino"]),
+                                    sam_model=str(dirs["sam"]), clipseg_model=str(dirs["clipseg"]), nms_iou=0.3,
+                                    multimask=True, device="cpu", **FALLBACK)
+    ui = pipeline.launch_ui(config)
+    ui.button.click()
+    assert _outputs(ui)[2] == ""
+    (call,) = segment_calls
+    assert (call["nms_iou"], call["multimask"]) == (0.3, True)
+    saved = json.loads((tmp_path / "ui" / "my_photo" / "detections.json").read_text())
+    assert saved["models"]["sam_model"] == str(dirs["sam"].resolve())  # the configured local folder, not a hub id
+    assert (saved["thresholds"]["nms_iou"], saved["thresholds"]["multimask"]) == (0.3, True)
 
 
 # ----------------------------------------------------------------------------- non-interactive rule
 
 
-def test_plain_python_gets_a_note_not_a_ui(capsys: pytest.CaptureFixture) -> None:
-    assert launch_ui(FakeModelsLoader()) is None
+def test_plain_python_gets_a_note_not_a_ui(loader, capsys: pytest.CaptureFixture) -> None:
+    assert launch_ui(loader) is None
     note = capsys.readouterr().out
     assert note.count("\n") == 1 and "needs a live Jupyter kernel" in note
 
@@ -196,7 +279,7 @@ def test_environment_variable_forces_non_interactive(monkeypatch: pytest.MonkeyP
     assert launch_ui() is None and "NBHELPERS_NONINTERACTIVE=1" in capsys.readouterr().out
 
 
-def test_kernel_rule_uses_allow_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_rule_uses_allow_stdin(loader, monkeypatch: pytest.MonkeyPatch) -> None:
     import IPython
     import IPython.display
 
@@ -208,8 +291,8 @@ def test_kernel_rule_uses_allow_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert noninteractive_reason() is None
     shown = []
     monkeypatch.setattr(IPython.display, "display", shown.append)
-    ui = launch_ui(FakeModelsLoader())
-    assert ui is not None and shown == [ui.container]
+    ui = launch_ui(loader)
+    assert ui is not None and shown == [ui.container] and loader.loaded == []  # models load on the first click
 
 
 def test_papermill_run_prints_the_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

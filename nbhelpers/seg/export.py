@@ -206,11 +206,15 @@ def _render_files(image_rgb: np.ndarray, seg: Segmentation, metadata: dict[str, 
 
 
 def _write_temp(out_dir: Path, name: str, data: bytes) -> Path:
+    # Not nbhelpers.platform.atomic_write: it renames each file as soon as it is written, while a set of four
+    # must be complete on disk before the first rename (all or nothing). The temp file is synced like there.
     # A unique hidden name in the target folder, so os.replace stays a same-filesystem rename.
     temp_path = out_dir / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(temp_path, "xb") as file:
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise

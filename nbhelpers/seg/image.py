@@ -15,11 +15,21 @@ from PIL import Image
 from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
-from nbhelpers.seg.inference import (Detections, clipseg_probabilities, max_prompt_tokens, run_grounding_dino,
-                                     sam2_image_embeddings, sam2_masks_for_boxes)
+from nbhelpers.seg.inference import (Detections, clipseg_probabilities, grounding_dino_inputs, max_prompt_tokens,
+                                     run_grounding_dino, sam2_image_embeddings, sam2_masks_for_boxes,
+                                     sam2_pixel_values)
 from nbhelpers.seg.inputs import (IMAGE_EXTENSIONS, _fit_phrases, list_image_files, load_image, normalize_prompt,
                                   prompt_phrases)
 from nbhelpers.seg.models import SegmentationModels
+
+# Segmentation.timings keys, in seconds. Batched stages are shared equally among the images of a batch.
+TIMING_STAGES = {
+    "preprocess": "PIL conversion plus the GroundingDINO and SAM processors (resize, normalise, tokenise), to device",
+    "detect": "GroundingDINO forward pass and box post-processing",
+    "segment": "SAM image encoder, then its mask decoder on the boxes and upsampling to the image size",
+    "fallback": "CLIPSeg (its preprocessing included) and SAM refinement of its regions; 0 when not needed",
+    "total": "sum of the stages above",
+}
 
 
 @dataclass
@@ -34,7 +44,7 @@ class Segmentation:
     source: str  # "grounding-dino" | "clipseg-fallback" | "none"
     image_size: tuple[int, int]  # (H, W) of the original image
     prompt: str  # normalised prompt, e.g. "cat. dog."
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, keys: TIMING_STAGES
     message: str = ""  # human-readable note (e.g. why nothing was found)
 
     def __len__(self) -> int:
@@ -149,21 +159,41 @@ def _segment_one(image: Image.Image, detections: Detections, phrases: list[str],
     return Segmentation(*found, "clipseg-fallback", size, prompt, timings, message)
 
 
+class _StageClock:
+    """Seconds per stage of a batch. CUDA runs kernels asynchronously, so on CUDA each stage ends with a
+    synchronize: otherwise queued work would be counted in whichever later stage first waits for it."""
+
+    def __init__(self, models: SegmentationModels) -> None:
+        devices = {loaded.device for loaded in (models.dino, models.sam, models.clipseg)}
+        self.cuda_devices = [device for device in devices if device.type == "cuda"]
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        for device in self.cuda_devices:
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self.start
+        self.start = now
+
+
 def _segment_batch(named_images: list[tuple[str, np.ndarray]], phrases: list[str], models: SegmentationModels,
                    settings: _Settings) -> list[tuple[str, Segmentation]]:
     prompt = normalize_prompt(phrases)
-    start = time.perf_counter()
+    clock = _StageClock(models)
     images = [Image.fromarray(array) for _, array in named_images]
-    preprocess = time.perf_counter() - start
+    dino_inputs = grounding_dino_inputs(models.dino, images, prompt)
+    pixel_values = sam2_pixel_values(models.sam, images)
+    clock.lap("preprocess")
     detections = run_grounding_dino(models.dino, images, prompt, len(phrases), settings.box_threshold,
-                                    settings.text_threshold)
-    detect = time.perf_counter() - start - preprocess
-    embeddings = sam2_image_embeddings(models.sam, images)
-    embed = time.perf_counter() - start - preprocess - detect
+                                    settings.text_threshold, inputs=dino_inputs)
+    clock.lap("detect")
+    embeddings = sam2_image_embeddings(models.sam, images, pixel_values)
+    clock.lap("segment")
     results = []
     for index, (name, _) in enumerate(named_images):  # batched stages are shared equally among the batch
-        share = {"preprocess": preprocess, "detect": detect, "segment": embed, "fallback": 0.0}
-        timings = {stage: seconds / len(images) for stage, seconds in share.items()}
+        timings = {stage: seconds / len(images) for stage, seconds in clock.seconds.items()} | {"fallback": 0.0}
+        # The per-image stages below end by copying masks to numpy, which waits for the device by itself.
         segmentation = _segment_one(images[index], detections[index], phrases, prompt, models, embeddings, index,
                                     settings, timings)
         timings["total"] = sum(value for key, value in timings.items() if key != "total")

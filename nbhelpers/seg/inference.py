@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,20 +46,26 @@ def max_prompt_tokens(dino: LoadedModel) -> int:
     return int(min(dino.processor.tokenizer.model_max_length, dino.model.config.max_text_len))
 
 
+def grounding_dino_inputs(dino: LoadedModel, images: list[Image.Image], prompt: str) -> Any:
+    """GroundingDINO's preprocessing (resize, normalise, pad, tokenise), already on the model's device."""
+    return dino.processor(images=images, text=[prompt] * len(images), return_tensors="pt").to(dino.device)
+
+
 def run_grounding_dino(dino: LoadedModel, images: list[Image.Image], prompt: str, num_phrases: int,
-                       box_threshold: float, text_threshold: float) -> list[Detections]:
+                       box_threshold: float, text_threshold: float, inputs: Any = None) -> list[Detections]:
     """Detect the prompt's phrases in a batch of images (one forward pass).
 
     Args:
         images: RGB PIL images (any sizes: the processor resizes and pads them).
         prompt: normalised prompt "a cat. a remote."; num_phrases: how many phrases it has.
         box_threshold: minimum box score; text_threshold: minimum token score for a phrase to name a box.
+        inputs: `grounding_dino_inputs(dino, images, prompt)` when already computed (None: computed here).
     Returns:
         One Detections per image, boxes in that image's original pixels.
     """
     assert num_phrases >= 1, "the prompt must hold at least one phrase"
     processor = dino.processor
-    inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt").to(dino.device)
+    inputs = grounding_dino_inputs(dino, images, prompt) if inputs is None else inputs
     with torch.inference_mode(), dino.autocast():
         outputs = dino.model(**inputs)
     outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
@@ -86,9 +93,16 @@ def run_grounding_dino(dino: LoadedModel, images: list[Image.Image], prompt: str
     return detections
 
 
-def sam2_image_embeddings(sam: LoadedModel, images: list[Image.Image]) -> list[torch.Tensor]:
-    """SAM 2.1 image encoder on a batch; returns the multi-scale embeddings, each (B, C, h, w)."""
-    pixel_values = sam.processor(images=images, return_tensors="pt")["pixel_values"].to(sam.device)
+def sam2_pixel_values(sam: LoadedModel, images: list[Image.Image]) -> torch.Tensor:
+    """SAM 2.1's preprocessing (resize, normalise) on the model's device: (B, 3, S, S)."""
+    return sam.processor(images=images, return_tensors="pt")["pixel_values"].to(sam.device)
+
+
+def sam2_image_embeddings(sam: LoadedModel, images: list[Image.Image],
+                          pixel_values: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """SAM 2.1 image encoder on a batch (pixel_values: `sam2_pixel_values` when already computed);
+    returns the multi-scale embeddings, each (B, C, h, w)."""
+    pixel_values = sam2_pixel_values(sam, images) if pixel_values is None else pixel_values
     with torch.inference_mode(), sam.autocast():
         return sam.model.get_image_embeddings(pixel_values)
 

@@ -5,15 +5,17 @@ Every model argument takes a hub id ("IDEA-Research/grounding-dino-tiny"), a sho
 the model attached as a data set). Loading is lazy and cached per process by (kind, source, device, dtype).
 
 Precision: weights stay fp32 on every device. On CUDA with bf16 support GroundingDINO runs under bf16
-autocast (measured 70 ms vs 93 ms fp32 for the default config at 800x1200 on an H100, see NOTES.md);
+autocast (measured on an H100: 70 ms vs 93 ms in fp32 for the default config at 800x1200);
 autocast keeps box regression and sigmoid scores in fp32, which casting the weights to bf16 would not.
 fp16 is not used for GroundingDINO (no measured gain, and its text-image fusion needs clamps against fp16
-overflow). SAM 2.1 stays fp32: its bf16 autocast was slower than fp32 (16.2 ms vs 14.7 ms, NOTES.md).
+overflow). SAM 2.1 stays fp32: measured on an H100, SAM 2.1 tiny under bf16 autocast was slower than fp32
+(16.2 ms vs 14.7 ms).
 CLIPSeg runs only as a fallback and is small: fp32.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -233,6 +235,29 @@ def load_models(dino: str | os.PathLike = DEFAULT_DINO, sam: str | os.PathLike =
     """
     runtime = select_runtime(device, precision, compile=False)
     return SegmentationModels(load_grounding_dino(dino, runtime), load_sam2(sam, runtime), load_clipseg(clipseg, runtime))
+
+
+def release(kind: str, keep: LoadedModel | None = None) -> int:
+    """Drop the cached models of one kind, except `keep`, and return freed GPU memory to the driver.
+
+    The memory is freed once no caller holds the dropped models any more (e.g. the UI's previous SAM size).
+    Args:
+        kind: "grounding-dino", "sam2" or "clipseg".
+        keep: a loaded model of that kind to keep cached (None: drop them all).
+    Returns:
+        How many cache entries were dropped.
+    """
+    if kind not in EXPECTED_MODEL_TYPE:
+        raise ValueError(f"unknown model kind {kind!r}; use one of {list(EXPECTED_MODEL_TYPE)}.")
+    dropped = [key for key, loaded in _CACHE.items() if key[0] == kind and loaded is not keep]
+    on_cuda = any(_CACHE[key].device.type == "cuda" for key in dropped)
+    for key in dropped:
+        del _CACHE[key]
+    if dropped:
+        gc.collect()  # modules can sit in reference cycles; collect them before asking CUDA for the memory
+    if on_cuda:
+        torch.cuda.empty_cache()
+    return len(dropped)
 
 
 def clear_model_cache() -> None:

@@ -144,5 +144,5 @@ def launch_ui(config: SegmentConfig):
 
     defaults = {"image_path": str(config.image_source()), "prompt": config.prompt, "box_threshold": config.box_threshold,
                 "text_threshold": config.text_threshold, "clipseg_threshold": config.clipseg_threshold,
-                "sam_size": _configured_sam_size(config)}
+                "sam_size": _configured_sam_size(config), "nms_iou": config.nms_iou, "multimask": config.multimask}
     return ui.launch_ui(partial(_load_for_ui, config), defaults, config.output_dir() / "ui")

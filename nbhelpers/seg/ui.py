@@ -33,6 +33,7 @@ SAM_CHECKPOINTS = {
 DEFAULTS: dict[str, Any] = {
     "image_path": "", "prompt": "", "box_threshold": 0.35, "text_threshold": 0.25,
     "clipseg_threshold": 0.4, "sam_size": "tiny",
+    "nms_iou": 0.5, "multimask": False,  # no widgets: passed through from the configuration to segment_image
 }
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
 ModelsLoader = Callable[[str], Any]  # SAM checkpoint id -> nbhelpers.seg.models.SegmentationModels
@@ -61,34 +62,48 @@ def noninteractive_reason() -> str | None:
 
 def run_once(
     image: Any, prompt: str, box_threshold: float, text_threshold: float, clipseg_threshold: float,
-    sam_size: str, models_loader: ModelsLoader,
+    sam_size: str, models_loader: ModelsLoader, nms_iou: float = 0.5, multimask: bool = False,
 ) -> tuple[Segmentation, np.ndarray]:
     """One "Segment" click without a browser: load the image and models, segment, draw.
 
     Args:
         image: a path or an RGB array (anything `load_image` accepts).
         prompt: what to segment, e.g. "cat. dog.".
-        box_threshold, text_threshold, clipseg_threshold: in [0, 1], passed to `segment_image`.
+        box_threshold, text_threshold, clipseg_threshold, nms_iou: in [0, 1], passed to `segment_image`.
         sam_size: one of SAM_CHECKPOINTS ("tiny", "small", "base-plus", "large").
-        models_loader: SAM checkpoint id -> SegmentationModels.
+        models_loader: SAM checkpoint id -> SegmentationModels. multimask: passed to `segment_image`.
     Returns:
         (Segmentation, overlay as (H, W, 3) uint8 RGB).
     """
+    settings = {"box_threshold": box_threshold, "text_threshold": text_threshold,
+                "clipseg_threshold": clipseg_threshold, "nms_iou": nms_iou, "multimask": multimask}
+    return _segment(image, prompt, settings, sam_size, models_loader)[:2]
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Thresholds and nms_iou in [0, 1], multimask a bool."""
+    for name, value in settings.items():
+        if name == "multimask" and not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"multimask={value!r} must be True or False.")
+        if name != "multimask" and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name}={value} must be in [0, 1].")
+
+
+def _segment(image: Any, prompt: str, settings: dict[str, Any], sam_size: str,
+             models_loader: ModelsLoader) -> tuple[Segmentation, np.ndarray, Any]:
+    """run_once's work; also returns the models used, so the saved metadata can name them."""
     from nbhelpers.seg.image import load_image, segment_image  # lazily: pulls in the model stack
     from nbhelpers.seg.render import overlay
 
-    if not prompt or not prompt.strip():
+    if not prompt or not prompt.strip():  # bad input is rejected before anything heavy starts
         raise ValueError("The prompt is empty: type what to segment, e.g. 'cat. dog.'.")
     if sam_size not in SAM_CHECKPOINTS:
         raise ValueError(f"SAM size {sam_size!r} is not one of {list(SAM_CHECKPOINTS)}.")
-    thresholds = {"box_threshold": box_threshold, "text_threshold": text_threshold, "clipseg_threshold": clipseg_threshold}
-    for name, value in thresholds.items():
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name}={value} must be in [0, 1].")
+    _check_settings(settings)
     image_rgb = load_image(image)
     models = models_loader(SAM_CHECKPOINTS[sam_size])
-    seg = segment_image(image_rgb, prompt.strip(), models, **thresholds)
-    return seg, overlay(image_rgb, seg)
+    seg = segment_image(image_rgb, prompt.strip(), models, **settings)
+    return seg, overlay(image_rgb, seg), models
 
 
 def default_models_loader(sam_checkpoint: str) -> Any:
@@ -99,12 +114,17 @@ def default_models_loader(sam_checkpoint: str) -> Any:
 
 
 def _keep_last_loaded(loader: ModelsLoader) -> ModelsLoader:
-    """Reuse the loaded models between clicks; hold one set only, so switching SAM size releases the old one."""
+    """Reuse the loaded models between clicks; hold one set only. Switching SAM size also drops every SAM from
+    nbhelpers.seg.models' cache (GroundingDINO and CLIPSeg stay), so the old SAM's memory is freed once no one
+    else holds it, before the next one takes GPU memory."""
     cache: dict[str, Any] = {}
 
     def load(sam_checkpoint: str) -> Any:
         if sam_checkpoint not in cache:
-            cache.clear()  # let the previous set go before the next one takes GPU memory
+            if cache:
+                from nbhelpers.seg.models import release
+                cache.clear()
+                release("sam2")
             cache[sam_checkpoint] = loader(sam_checkpoint)
         return cache[sam_checkpoint]
 
@@ -128,6 +148,8 @@ class SegmentationUI:
     button: Any
     output: Any
     container: Any
+    nms_iou: float = DEFAULTS["nms_iou"]  # not widgets: set from the defaults
+    multimask: bool = DEFAULTS["multimask"]
 
     def __repr__(self) -> str:
         return f"SegmentationUI(prompt={self.prompt.value!r}, sam_size={self.sam_size.value!r})"
@@ -150,6 +172,7 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     values = {**DEFAULTS, **(defaults or {})}
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
+    _check_settings({key: values[key] for key in ("nms_iou", "multimask")})
     wide = {"description_width": "initial"}
     ui = SegmentationUI(
         upload=widgets.FileUpload(accept="image/*", multiple=False, description="Upload image"),
@@ -160,8 +183,8 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
         clipseg_threshold=_slider(widgets, "CLIPSeg threshold", values["clipseg_threshold"]),
         sam_size=widgets.Dropdown(options=list(SAM_CHECKPOINTS), value=values["sam_size"], description="SAM 2.1 size", style=wide),
         button=widgets.Button(description="Segment", button_style="primary", icon="search"),
-        output=widgets.Output(),
-        container=None,
+        output=widgets.Output(), container=None,
+        nms_iou=float(values["nms_iou"]), multimask=bool(values["multimask"]),
     )
     ui.container = widgets.VBox([
         widgets.HBox([ui.upload, ui.path]), ui.prompt,
@@ -181,7 +204,7 @@ def launch_ui(
     Args:
         models_loader: SAM checkpoint id -> SegmentationModels; default `nbhelpers.seg.models.load_models(sam=...)`.
             Loaded models are reused between clicks.
-        defaults: initial widget values; keys of DEFAULTS.
+        defaults: initial widget values and the nms_iou / multimask passed to segment_image; keys of DEFAULTS.
         out_dir: if given, each result is also saved to out_dir/<image name>/ with `save_outputs`.
     Returns:
         The SegmentationUI, or None (after a one-line note) when no live Jupyter frontend is attached.
@@ -201,19 +224,24 @@ def launch_ui(
 
 
 def _read_image_input(ui: SegmentationUI) -> tuple[Any, str]:
-    """The uploaded image (decoded to RGB) if any, else the typed path; plus a name for it."""
+    """The uploaded image as RGB (through `load_image`: EXIF, alpha on white, 16-bit) if any, else the typed
+    path; plus a name for it."""
     value = ui.upload.value
     uploads = list(value.values()) if isinstance(value, dict) else list(value)  # ipywidgets 7: dict, 8: tuple
     if uploads:
-        from PIL import Image, ImageOps, UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError
+
+        from nbhelpers.seg.inputs import load_image  # no torch needed to decode
 
         upload = uploads[-1]
         name = upload.get("name") or upload.get("metadata", {}).get("name", "upload")
         try:
-            picture = ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(upload["content"]))))
-        except UnidentifiedImageError as error:
-            raise ValueError(f"{name} is not an image Pillow can read; upload a JPEG, PNG or WebP.") from error
-        return np.asarray(picture.convert("RGB")), name
+            with Image.open(io.BytesIO(bytes(upload["content"]))) as picture:
+                picture.load()  # decode now, so a truncated upload fails here with its name
+                return load_image(picture), name
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"{name} is not an image Pillow can read ({error}); upload a complete JPEG, PNG "
+                             f"or WebP.") from error
     typed = ui.path.value.strip()
     if not typed:
         raise ValueError("No image: upload one or type its path.")
@@ -247,12 +275,12 @@ def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path 
     try:
         image, name = _read_image_input(ui)
         image_rgb = load_image(image)  # once here, so the saved overlay uses the very same pixels
-        thresholds = {"box_threshold": ui.box_threshold.value, "text_threshold": ui.text_threshold.value,
-                      "clipseg_threshold": ui.clipseg_threshold.value}
-        seg, overlay_rgb = run_once(image_rgb, ui.prompt.value, **thresholds, sam_size=ui.sam_size.value, models_loader=models_loader)
+        settings = {"box_threshold": ui.box_threshold.value, "text_threshold": ui.text_threshold.value,
+                    "clipseg_threshold": ui.clipseg_threshold.value, "nms_iou": ui.nms_iou, "multimask": ui.multimask}
+        seg, overlay_rgb, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value, models_loader)
         summary = summary_line(seg)
         if out_dir is not None:
-            summary += "\n" + _save(image_rgb, seg, Path(out_dir), name, thresholds, ui.sam_size.value)
+            summary += "\n" + _save(image_rgb, seg, Path(out_dir), name, settings, _describe(models, ui.sam_size.value))
         _show(ui.output, png=_figure_png(show_overlay(overlay_rgb, seg)), text=summary)
         return seg
     except Exception as error:  # shown to the user as one line; the UI stays usable
@@ -262,12 +290,19 @@ def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path 
         ui.button.disabled = False
 
 
-def _save(image_rgb: np.ndarray, seg: Segmentation, out_dir: Path, name: str, thresholds: dict, sam_size: str) -> str:
+def _describe(models: Any, sam_size: str) -> dict[str, str]:
+    """The models really used (SegmentationModels.describe); a custom loader's result may only say the size."""
+    describe = getattr(models, "describe", None)
+    return describe() if callable(describe) else {"sam_size": sam_size}
+
+
+def _save(image_rgb: np.ndarray, seg: Segmentation, out_dir: Path, name: str, settings: dict,
+          models_info: dict) -> str:
     """save_outputs into out_dir/<image name>/; returns a line saying where, or why not."""
     from nbhelpers.seg.export import save_outputs
 
     folder = out_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem) or "image")
-    metadata = {"models": {"sam": SAM_CHECKPOINTS[sam_size]}, "thresholds": thresholds, "source_file": name}
+    metadata = {"models": models_info, "thresholds": settings, "source_file": name}
     try:
         paths = save_outputs(image_rgb, seg, folder, metadata)
     except Exception as error:  # the result is still shown; only the files are missing
