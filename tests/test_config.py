@@ -49,3 +49,11 @@ def test_conv_tokenizer_ignores_patch_size():
     from nbhelpers.vit.model import VisionTransformer
 
     assert VisionTransformer(config.model).num_tokens > 0
+
+
+def test_layerscale_zero_turns_it_off_in_a_preset_that_has_it():
+    from nbhelpers.vit.model import VisionTransformer
+
+    assert any(".scale1.gamma" in name for name, _ in VisionTransformer(build_config("best").model).named_parameters())
+    model = VisionTransformer(build_config("best", layerscale=0).model)
+    assert not any(".scale1" in name or ".scale2" in name for name, _ in model.named_parameters())

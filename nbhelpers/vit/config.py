@@ -26,7 +26,7 @@ class ModelConfig:
     embed_dropout: float = 0.0  # dropout on tokens after adding positions
     attn_dropout: float = 0.0  # dropout on attention weights
     drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0)
-    layerscale: float | None = None  # LayerScale init value (e.g. 1e-4); None = off
+    layerscale: float | None = None  # LayerScale init value (e.g. 1e-4); None or 0 = off
     lsa: bool = False  # Locality Self-Attention: learned temperature, diagonal masked
     pool: str = "cls"  # 'cls' | 'mean' | 'seqpool'
     pos_embed: str = "learned"  # 'learned' | 'sincos'

@@ -165,7 +165,7 @@ class Block(nn.Module):
             nn.Linear(dim, config.mlp_dim), nn.GELU(), nn.Dropout(config.dropout),
             nn.Linear(config.mlp_dim, dim), nn.Dropout(config.dropout),
         )
-        use_scale = config.layerscale is not None
+        use_scale = bool(config.layerscale)  # None or 0 = off (0 lets a notebook override a preset's value)
         self.scale1 = LayerScale(dim, config.layerscale) if use_scale else nn.Identity()
         self.scale2 = LayerScale(dim, config.layerscale) if use_scale else nn.Identity()
         self.drop_path = DropPath(drop_path)
