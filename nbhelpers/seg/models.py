@@ -261,5 +261,6 @@ def release(kind: str, keep: LoadedModel | None = None) -> int:
 
 
 def clear_model_cache() -> None:
-    """Forget loaded models (frees their memory once no caller holds them)."""
-    _CACHE.clear()
+    """Forget every loaded model and return freed GPU memory (once no caller holds them); same path as `release`."""
+    for kind in EXPECTED_MODEL_TYPE:
+        release(kind)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -47,7 +48,8 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.replace(temp, target)
     except OSError:
         temp.unlink(missing_ok=True)
-        atomic_write(target, lambda file: file.write(source.read_bytes()))
+        with open(source, "rb") as original:  # streamed: checkpoints can be hundreds of MB
+            atomic_write(target, lambda file: shutil.copyfileobj(original, file))
 
 
 def rng_state() -> dict[str, Any]:
