@@ -36,6 +36,38 @@ def make_test_image(height: int = 96, width: int = 128, seed: int = 0) -> np.nda
     return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
+def make_test_frame(index: int, height: int = 96, width: int = 128, enter_frame: int | None = None) -> np.ndarray:
+    """Frame `index` of a synthetic clip: a red square moving right; a blue disc from `enter_frame` on.
+
+    Returns:
+        (height, width, 3) uint8 RGB (grey background, no noise: the shapes' colours are exact before encoding).
+    """
+    frame = np.full((height, width, 3), 128, np.uint8)
+    side = max(height // 4, 4)
+    left = int(index * 2) % max(width - side, 1)
+    frame[height // 8 : height // 8 + side, left : left + side] = (220, 30, 30)
+    if enter_frame is not None and index >= enter_frame:
+        yy, xx = np.mgrid[:height, :width]
+        center_x = width - 1 - min((index - enter_frame) * 3, width // 3)  # slides in from the right edge
+        disc = (yy - 0.7 * height) ** 2 + (xx - center_x) ** 2 <= (min(height, width) / 6) ** 2
+        frame[disc] = (30, 60, 220)
+    return frame
+
+
+def make_test_video(path: str | os.PathLike, frames: int = 24, height: int = 96, width: int = 128, fps: float = 12.0,
+                    enter_frame: int | None = None) -> Path:
+    """Write the synthetic clip of `make_test_frame` as an mp4v MP4 (OpenCV) and return its path."""
+    import cv2
+
+    path = Path(path)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for index in range(frames):
+        writer.write(cv2.cvtColor(make_test_frame(index, height, width, enter_frame), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
 # ----------------------------------------------------------------------------- tiny tokenizers
 
 TEST_WORDS = (

@@ -135,7 +135,8 @@ def _draw_caption(
 
 
 def overlay(
-    image_rgb: np.ndarray, seg: Segmentation, alpha: float = 0.5, draw_boxes: bool = True, draw_labels: bool = True
+    image_rgb: np.ndarray, seg: Segmentation, alpha: float = 0.5, draw_boxes: bool = True, draw_labels: bool = True,
+    color_indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Draw every instance on a copy of the image.
 
@@ -145,6 +146,7 @@ def overlay(
         alpha: mask opacity in [0, 1].
         draw_boxes: draw each detection box.
         draw_labels: draw "label score" captions on a filled background.
+        color_indices: palette index per instance (video: the object id, so colours stay put); None = 0, 1, 2, …
     Returns:
         (H, W, 3) uint8 RGB; pixels outside every mask, contour, box and caption are unchanged.
     """
@@ -152,14 +154,16 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     canvas = _check_image(image_rgb, seg).copy()
     thickness, font_scale = _drawing_sizes(*canvas.shape[:2])
+    colors = [instance_color(index) for index in (range(len(seg)) if color_indices is None else color_indices)]
+    assert len(colors) == len(seg), f"{len(colors)} colour indices for {len(seg)} instances"
     for index, mask in enumerate(np.asarray(seg.masks, bool)):
-        color = instance_color(index)
+        color = colors[index]
         blended = canvas[mask].astype(np.float32) * (1.0 - alpha) + np.float32(alpha) * np.array(color, np.float32)
         canvas[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, color, thickness, cv2.LINE_AA)
     for index, box in enumerate(np.asarray(seg.boxes, np.float32)):
-        color = instance_color(index)
+        color = colors[index]
         if draw_boxes:
             top_left, bottom_right = tuple(int(round(v)) for v in box[:2]), tuple(int(round(v)) for v in box[2:])
             cv2.rectangle(canvas, top_left, bottom_right, color, thickness, cv2.LINE_AA)

@@ -1,0 +1,318 @@
+"""Text-prompted video segmentation: detect the prompt's objects, follow them with SAM 2, re-detect new ones.
+
+Frames stream from disk one at a time; the overlay MP4 is written as frames come; SAM 2's state is pruned to
+its memory window (nbhelpers.seg.tracking), so memory stays flat however long the video is.
+
+    models = load_models(device=...)
+    result = segment_video("clip.mp4", "a person. a dog", models, out_dir="outputs/q2_video", redetect_every=15)
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+from tqdm.auto import tqdm
+
+from nbhelpers.platform import ensure_writable_dir
+from nbhelpers.seg.image import Segmentation, clipseg_map_to_boxes, per_label_nms
+from nbhelpers.seg.inference import clipseg_probabilities, max_prompt_tokens, run_grounding_dino
+from nbhelpers.seg.inputs import _fit_phrases, normalize_prompt, prompt_phrases
+from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_video
+from nbhelpers.seg.render import overlay
+from nbhelpers.seg.tracking import FrameMasks, StreamingTracker
+from nbhelpers.seg.video_export import ID_MAPS_DIR, OVERLAY_FILE, TRACKS_FILE, IdMapWriter, Track, write_tracks
+from nbhelpers.seg.video_io import VideoInfo, VideoWriter, iter_frames, probe_video
+
+# ----------------------------------------------------------------------------- detection
+
+
+@dataclass
+class FrameDetections:
+    """Objects found on one frame."""
+
+    boxes: np.ndarray  # (N, 4) float32 xyxy in pixels
+    scores: np.ndarray  # (N,) float32
+    labels: list[str]  # (N,) prompt phrases
+    source: str  # "grounding-dino" | "clipseg-fallback" | a custom detector's name
+
+
+Detector = Callable[[np.ndarray], FrameDetections]
+
+
+def text_detector(models: SegmentationModels, prompt: str | Sequence[str], box_threshold: float = 0.35,
+                  text_threshold: float = 0.25, clipseg_threshold: float = 0.4, nms_iou: float = 0.5) -> Detector:
+    """The image pipeline's detection as a per-frame detector: GroundingDINO, else CLIPSeg regions' boxes.
+
+    Returns:
+        detect(frame RGB (H, W, 3) uint8) -> FrameDetections.
+    """
+    phrases = _fit_phrases(prompt_phrases(prompt), models.dino.processor.tokenizer, max_prompt_tokens(models.dino))
+    normalized = normalize_prompt(phrases)
+
+    def detect(frame_rgb: np.ndarray) -> FrameDetections:
+        image = Image.fromarray(frame_rgb)
+        found = run_grounding_dino(models.dino, [image], normalized, len(phrases), box_threshold, text_threshold)[0]
+        found = per_label_nms(found, nms_iou)
+        if len(found.boxes):
+            return FrameDetections(found.boxes, found.scores, [phrases[i] for i in found.phrase_index], "grounding-dino")
+        boxes, scores, labels = [np.zeros((0, 4), np.float32)], [], []
+        for phrase, probability in zip(phrases, clipseg_probabilities(models.clipseg, image, phrases)):
+            phrase_boxes, regions = clipseg_map_to_boxes(probability, clipseg_threshold)
+            boxes.append(phrase_boxes)
+            scores += [float(probability[region].mean()) for region in regions]
+            labels += [phrase] * len(phrase_boxes)
+        return FrameDetections(np.concatenate(boxes).astype(np.float32), np.asarray(scores, np.float32), labels,
+                               "clipseg-fallback" if labels else "none")
+
+    return detect
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class VideoSegmentation:
+    """What `segment_video` found and wrote."""
+
+    video: str  # source file name
+    prompt: str
+    frames: int  # frames processed and written (source frames / stride, capped by max_frames)
+    size: tuple[int, int]  # (H, W)
+    source_fps: float
+    output_fps: float  # source_fps / frame_stride: the overlay lasts as long as the source
+    tracks: list[Track]
+    seed_frame: int | None  # first frame with a detection; None: nothing found anywhere
+    codec: str  # overlay codec: "h264" or "mp4v"
+    message: str
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the frame loop
+    peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated during the loop; None off CUDA
+    frames_held_peak: int = 0  # most frames SAM 2's session held at once (bounded by its memory window)
+    offloaded: bool = False  # frames and state were kept on the CPU
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        objects = ", ".join(f"#{track.object_id} {track.label}" for track in self.tracks) or "no objects"
+        return (f"{self.video}: {self.frames} frames at {self.frames_per_second:.1f} frames/s, {objects}; "
+                f"overlay {self.codec}. {self.message}")
+
+
+# ----------------------------------------------------------------------------- the frame loop
+
+
+@dataclass
+class _Options:
+    redetect_every: int
+    new_object_iou: float
+    max_objects: int
+    save_masks: bool
+    alpha: float
+
+
+class _VideoRun:
+    """State of one pass over the video: tracks, the SAM 2 session and the writers."""
+
+    def __init__(self, info: VideoInfo, detect: Detector, tracker: StreamingTracker, options: _Options):
+        self.info, self.detect, self.tracker, self.options = info, detect, tracker, options
+        self.tracks: dict[int, Track] = {}
+        self.seed_frame: int | None = None
+        self.skipped_for_cap = 0
+
+    def detection_due(self, frame: int) -> bool:
+        if self.seed_frame is None:
+            return True  # until the first detection, every frame is searched
+        every = self.options.redetect_every
+        return every > 0 and frame > self.seed_frame and (frame - self.seed_frame) % every == 0
+
+    def add_new_objects(self, frame: int, frame_rgb: np.ndarray) -> None:
+        """Detect; objects not overlapping a visible track (box IoU < new_object_iou) get new ids."""
+        found = self.detect(frame_rgb)
+        if not len(found.labels):
+            return
+        visible = [box for box in (track.latest_box() for track in self.tracks.values()) if box is not None]
+        fresh = np.arange(len(found.labels))
+        if visible:
+            overlap = box_iou(torch.as_tensor(found.boxes, dtype=torch.float32), torch.tensor(visible, dtype=torch.float32))
+            fresh = np.flatnonzero(overlap.max(dim=1).values.numpy() < self.options.new_object_iou)
+        room = self.options.max_objects - len(self.tracks)
+        self.skipped_for_cap += max(len(fresh) - max(room, 0), 0)
+        fresh = fresh[np.argsort(-found.scores[fresh], kind="stable")][:max(room, 0)]
+        if not len(fresh):
+            return
+        ids = list(range(len(self.tracks) + 1, len(self.tracks) + 1 + len(fresh)))  # ids count up, never reused
+        self.tracker.add_objects(frame, ids, found.boxes[fresh])
+        for object_id, index in zip(ids, fresh):
+            self.tracks[object_id] = Track(object_id, found.labels[index], float(found.scores[index]), found.source, frame)
+        self.seed_frame = frame if self.seed_frame is None else self.seed_frame
+
+    def step(self, frame: int, frame_rgb: np.ndarray) -> FrameMasks:
+        if self.detection_due(frame):
+            self.add_new_objects(frame, frame_rgb)
+        result = self.tracker.track(frame, frame_rgb)
+        masks = dict(zip(result.object_ids, result.masks))
+        for object_id, track in self.tracks.items():
+            track.record(frame, masks.get(object_id), self.options.save_masks)
+        return result
+
+    def render(self, frame_rgb: np.ndarray, result: FrameMasks) -> np.ndarray:
+        visible = [i for i, mask in enumerate(result.masks) if mask.any()]
+        if not visible:
+            return frame_rgb
+        ids = [result.object_ids[i] for i in visible]
+        tracks = [self.tracks[object_id] for object_id in ids]
+        boxes = np.asarray([track.frames[-1]["box_xyxy"] for track in tracks], np.float32)
+        scores = np.asarray([track.score for track in tracks], np.float32)
+        seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in tracks], result.masks[visible],
+                           np.full(len(ids), np.nan, np.float32), "sam2-video", (self.info.height, self.info.width), "")
+        return overlay(frame_rgb, seg, alpha=self.options.alpha, color_indices=[object_id - 1 for object_id in ids])
+
+
+def _expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
+    if not info.frame_count:
+        return max_frames
+    count = -(-info.frame_count // stride)
+    return min(count, max_frames) if max_frames else count
+
+
+def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir: Path, options: _Options,
+              stride: int, max_frames: int | None, save_id_maps: bool, offload: bool, progress: bool):
+    """One pass over the video; every output appears only if the pass completes."""
+    run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, offload, offload), options)
+    id_maps = IdMapWriter(out_dir) if save_id_maps else None
+    writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, info.fps / stride)
+    cuda = sam_video.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(sam_video.device)
+    frames, start = 0, time.perf_counter()
+    try:
+        with tqdm(total=_expected_frames(info, stride, max_frames), desc="video", unit="frame", disable=not progress) as bar:
+            for frame, (_, frame_rgb) in enumerate(iter_frames(info, stride, max_frames)):
+                result = run.step(frame, frame_rgb)
+                writer.write(run.render(frame_rgb, result))
+                if id_maps is not None:
+                    id_maps.write(frame, result.object_ids, result.masks, (info.height, info.width))
+                frames += 1
+                bar.set_postfix(objects=len(run.tracks), refresh=False)
+                bar.update()
+    except BaseException:
+        writer.abort()
+        if id_maps is not None:
+            id_maps.abort()
+        raise
+    seconds = time.perf_counter() - start
+    files = {"overlay": writer.close()} | ({"id_maps": id_maps.close()} if id_maps is not None else {})
+    peak = torch.cuda.max_memory_allocated(sam_video.device) if cuda else None
+    return run, frames, seconds, peak, files, writer.codec
+
+
+def _message(run: _VideoRun, frames: int, prompt: str, expected: int | None) -> str:
+    if run.seed_frame is None:
+        message = (f"no object matched {prompt!r} in any of the {frames} frames: the overlay is the plain video. "
+                   f"Lower BOX_THRESHOLD / CLIPSEG_THRESHOLD or rephrase the prompt.")
+    else:
+        message = f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
+    if run.skipped_for_cap:
+        message += f" {run.skipped_for_cap} detection(s) not added: MAX_OBJECTS={run.options.max_objects} reached."
+    if expected and frames < expected - 1:
+        message += f" The video ended after {frames} of {expected} frames (truncated or corrupt file?)."
+    return message
+
+
+def _check_options(frame_stride: int, max_frames: int | None, redetect_every: int, new_object_iou: float,
+                   max_objects: int) -> None:
+    checks = [(frame_stride >= 1, f"frame_stride={frame_stride}: use 1 (every frame) or more."),
+              (max_frames is None or max_frames >= 1, f"max_frames={max_frames}: use None (all) or at least 1."),
+              (redetect_every >= 0, f"redetect_every={redetect_every}: use 0 (off) or a number of frames."),
+              (0.0 <= new_object_iou <= 1.0, f"new_object_iou={new_object_iou}: must be in [0, 1]."),
+              (max_objects >= 1, f"max_objects={max_objects}: must be at least 1.")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _free_cuda_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models: SegmentationModels,
+                  out_dir: str | os.PathLike, sam_video: LoadedModel | None = None, box_threshold: float = 0.35,
+                  text_threshold: float = 0.25, clipseg_threshold: float = 0.4, nms_iou: float = 0.5,
+                  frame_stride: int = 1, max_frames: int | None = None, redetect_every: int = 0,
+                  new_object_iou: float = 0.3, max_objects: int = 20, save_id_maps: bool = False,
+                  save_masks: bool = False, offload: bool = False, alpha: float = 0.5,
+                  detector: Detector | None = None, progress: bool = True) -> VideoSegmentation:
+    """Segment the prompt's objects through a video and write OUT/video_overlay.mp4 and OUT/tracks.json.
+
+    Args:
+        video: a video file. prompt: "a person. a dog", "cat, dog" or a list of phrases.
+        models: from load_models (GroundingDINO and CLIPSeg detect; SAM 2 comes from `sam_video`).
+        out_dir: output folder (created). sam_video: from load_sam2_video; None = the checkpoint of models.sam.
+        box_threshold, text_threshold, clipseg_threshold, nms_iou: detection settings, as for images.
+        frame_stride: process every n-th frame (the overlay plays at source fps / n, so it lasts as long).
+        max_frames: stop after this many processed frames (None: the whole video).
+        redetect_every: every n frames after the first detection, detect again and add objects whose box
+            overlaps no visible track by `new_object_iou` or more (0 = only the first detection).
+        max_objects: cap on tracked objects (each costs SAM 2 time on every frame).
+        save_id_maps: also write OUT/id_maps/NNNNNN.png (uint16 object ids). save_masks: RLE masks in tracks.json.
+        offload: keep frames and SAM 2 state on the CPU (also the automatic retry after a GPU out-of-memory).
+        detector: replaces GroundingDINO/CLIPSeg (frame RGB -> FrameDetections), e.g. for tests or other models.
+    Returns:
+        VideoSegmentation; `files` lists what was written.
+    """
+    _check_options(frame_stride, max_frames, redetect_every, new_object_iou, max_objects)
+    phrases = prompt_phrases(prompt)
+    info = probe_video(video)
+    out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
+    if sam_video is None:
+        from nbhelpers.platform import select_runtime
+
+        sam_video = load_sam2_video(models.sam.model_id, select_runtime(str(models.sam.device), "auto", compile=False))
+    detect = detector or text_detector(models, phrases, box_threshold, text_threshold, clipseg_threshold, nms_iou)
+    options = _Options(redetect_every, new_object_iou, max_objects, save_masks, alpha)
+    for offloaded in ([True] if offload else [False, True]):
+        try:
+            run, frames, seconds, peak, files, codec = _run_pass(info, detect, sam_video, out, options, frame_stride,
+                                                                 max_frames, save_id_maps, offloaded, progress)
+            break
+        except torch.cuda.OutOfMemoryError as error:
+            _free_cuda_memory()
+            if offloaded:
+                raise RuntimeError(
+                    "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
+                    " fewer objects (MAX_OBJECTS), or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
+            warnings.warn("GPU out of memory: retrying once with frames and SAM 2 state offloaded to the CPU.", stacklevel=2)
+    result = VideoSegmentation(info.path.name, normalize_prompt(phrases), frames, (info.height, info.width), info.fps,
+                               info.fps / frame_stride, list(run.tracks.values()), run.seed_frame, codec,
+                               _message(run, frames, normalize_prompt(phrases), _expected_frames(info, frame_stride, max_frames)),
+                               files, seconds, peak, run.tracker.frames_held_peak, offloaded)
+    result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, _metadata(result, models, sam_video, options,
+                                                                                       frame_stride, detector is None))
+    return result
+
+
+def _metadata(result: VideoSegmentation, models: SegmentationModels, sam_video: LoadedModel, options: _Options,
+              frame_stride: int, text_detection: bool) -> dict:
+    return {"video": result.video, "prompt": result.prompt, "frames": result.frames, "height": result.size[0],
+            "width": result.size[1], "source_fps": result.source_fps, "output_fps": result.output_fps,
+            "frame_stride": frame_stride, "seed_frame": result.seed_frame, "redetect_every": options.redetect_every,
+            "new_object_iou": options.new_object_iou, "max_objects": options.max_objects, "codec": result.codec,
+            "detector": "grounding-dino + clipseg fallback" if text_detection else "custom",
+            "models": models.describe() | {"sam_video_model": sam_video.model_id, "sam_video_backend": sam_video.backend},
+            "seconds": round(result.seconds, 3), "frames_per_second": round(result.frames_per_second, 2),
+            "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes, "frames_held_peak": result.frames_held_peak,
+            "offloaded": result.offloaded, "message": result.message}

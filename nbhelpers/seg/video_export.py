@@ -1,0 +1,106 @@
+"""Video outputs besides the MP4: tracks.json (per object: label, frames, boxes, optional RLE masks) and
+per-frame object-id PNGs. Both appear only complete: the id-map folder is filled under a temporary name and
+swapped in at the end; tracks.json is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from nbhelpers.platform import atomic_write
+from nbhelpers.seg.export import encode_masks
+
+TRACKS_FILE = "tracks.json"
+OVERLAY_FILE = "video_overlay.mp4"
+ID_MAPS_DIR = "id_maps"
+
+
+@dataclass
+class Track:
+    """One object followed through the video; frame numbers count output frames (source frame = frame × stride)."""
+
+    object_id: int  # stable id, never reused for another object
+    label: str  # prompt phrase that detected it
+    score: float  # detection score when it was added
+    source: str  # "grounding-dino" | "clipseg-fallback" | the detector's name
+    first_frame: int  # frame it was detected and added on
+    last_frame: int | None = None  # last frame with a non-empty mask (None: never visible after seeding)
+    lost_since: int | None = None  # first frame of its current absence; None while visible
+    frames: list[dict[str, Any]] = field(default_factory=list)  # visible frames: {"frame", "box_xyxy"[, "mask_rle"]}
+
+    def record(self, frame: int, mask: np.ndarray | None, keep_mask: bool) -> None:
+        """Note this frame's mask (None or empty: not visible → the track is lost from here)."""
+        if mask is None or not mask.any():
+            if self.lost_since is None and self.last_frame is not None:
+                self.lost_since = frame
+            return
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        entry: dict[str, Any] = {"frame": frame, "box_xyxy": [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]}
+        if keep_mask:
+            entry["mask_rle"] = encode_masks(mask[None])[0]
+        self.frames.append(entry)
+        self.last_frame, self.lost_since = frame, None
+
+    def latest_box(self) -> list[int] | None:
+        """Box of the most recent frame if the object is visible now, else None."""
+        return self.frames[-1]["box_xyxy"] if self.frames and self.lost_since is None else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.object_id, "label": self.label, "score": round(float(self.score), 4), "source": self.source,
+                "first_frame": self.first_frame, "last_frame": self.last_frame, "lost_since": self.lost_since,
+                "state": "visible" if self.lost_since is None and self.last_frame is not None else "lost",
+                "frames": self.frames}
+
+
+def write_tracks(path: str | os.PathLike, tracks: list[Track], metadata: dict[str, Any]) -> Path:
+    """Write tracks.json atomically: the metadata keys, then "objects" (one entry per Track)."""
+    data = dict(metadata) | {"objects": [track.to_json() for track in tracks]}
+    payload = json.dumps(data, indent=1).encode()
+    return atomic_write(path, lambda file: file.write(payload))
+
+
+def load_tracks(path: str | os.PathLike) -> dict[str, Any]:
+    """Read tracks.json; raises ValueError naming the file when it is not valid JSON with "objects"."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
+        raise ValueError(f"{path} is not a tracks file (no 'objects' list).")
+    return data
+
+
+class IdMapWriter:
+    """Per-frame uint16 PNGs (0 = background, else the object id) into OUT/id_maps/, swapped in when complete."""
+
+    def __init__(self, out_dir: Path):
+        self.final = out_dir / ID_MAPS_DIR
+        self.partial = out_dir / f".{ID_MAPS_DIR}.partial"
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+
+    def write(self, frame: int, object_ids: list[int], masks: np.ndarray, size: tuple[int, int]) -> None:
+        id_map = np.zeros(size, np.uint16)
+        for object_id, mask in zip(object_ids, masks):
+            id_map[mask] = object_id
+        if not cv2.imwrite(str(self.partial / f"{frame:06d}.png"), id_map):
+            raise OSError(f"cannot write id map for frame {frame} under {self.partial}")
+
+    def close(self) -> Path:
+        old = self.final.with_name(f".{ID_MAPS_DIR}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.partial, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
