@@ -1,6 +1,8 @@
-"""Draw assets/sample.jpg: a 640x480 cartoon scene (sky, sun, hills, road, red car, black cat) with OpenCV.
+"""Draw assets/sample.jpg (a 640x480 cartoon scene: sky, sun, hills, road, red car, black cat) and
+assets/sample_clip.mp4 (48 frames, 320x240, 12 fps, H.264: the car drives right; the cat walks in from
+frame 20) with OpenCV.
 
-Deterministic: no randomness; re-running gives the same picture. Run: python assets/make_sample.py
+Deterministic: no randomness; re-running gives the same pictures. Run: python assets/make_sample.py
 """
 from __future__ import annotations
 
@@ -76,7 +78,31 @@ def make_sample() -> np.ndarray:
     return image
 
 
+CLIP_FRAMES, CLIP_FPS, CLIP_SIZE, CAT_ENTERS = 48, 12.0, (320, 240), 20
+
+
+def make_clip_frame(index: int) -> np.ndarray:
+    """Frame `index` of the sample clip as (240, 320, 3) uint8 RGB."""
+    image = _sky_and_ground()
+    _sun(image)
+    _car(image, left=40 + 6 * index)
+    if index >= CAT_ENTERS:
+        _cat(image, x=-60 + 8 * (index - CAT_ENTERS))
+    return cv2.resize(image, CLIP_SIZE, interpolation=cv2.INTER_AREA)
+
+
+def write_clip(target: Path) -> None:
+    from nbhelpers.seg.video_io import VideoWriter
+
+    with VideoWriter(target, *CLIP_SIZE, CLIP_FPS) as writer:
+        for index in range(CLIP_FRAMES):
+            writer.write(make_clip_frame(index))
+    assert writer.codec == "h264", "install imageio-ffmpeg so the clip is H.264 (plays in browsers)"
+    print(f"wrote {target} ({target.stat().st_size / 1024:.1f} KB, {writer.codec})")
+
+
 if __name__ == "__main__":
+    write_clip(Path(__file__).resolve().parent / "sample_clip.mp4")
     target = Path(__file__).resolve().parent / "sample.jpg"
     bgr = cv2.cvtColor(make_sample(), cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -53,7 +53,8 @@ def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_s
     notebook = run(
         "q2_text_segmentation.ipynb", tmp_path, OUT_DIR=str(out_dir), DEVICE="cpu", TEXT_PROMPT="car. cat.",
         DINO_MODEL=str(tiny_seg_model_dirs["dino"]), SAM_MODEL=str(tiny_seg_model_dirs["sam"]),
-        CLIPSEG_MODEL=str(tiny_seg_model_dirs["clipseg"]), CLIPSEG_THRESHOLD=0.0,
+        CLIPSEG_MODEL=str(tiny_seg_model_dirs["clipseg"]), CLIPSEG_THRESHOLD=0.0, MAX_FRAMES=12, MAX_OBJECTS=2,
+        REDETECT_EVERY=5,
     )
     detections = load_detections(out_dir / "sample" / "detections.json")
     validate_detections(detections)
@@ -66,3 +67,7 @@ def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_s
     texts = "".join(output.get("text", "") for output in outputs)
     assert "interactive UI needs a live Jupyter kernel" in texts
     assert any("image/png" in output.get("data", {}) for output in outputs), "the overlay is shown inline"
+    tracks = json.loads((out_dir / "video" / "sample_clip" / "tracks.json").read_text())
+    assert tracks["frames"] == 12 and tracks["width"] == 320 and tracks["prompt"] == "car. cat."
+    assert 1 <= len(tracks["objects"]) <= 2 and tracks["codec"] == "h264"
+    assert any("<video" in output.get("data", {}).get("text/html", "") for output in outputs), "the overlay plays inline"

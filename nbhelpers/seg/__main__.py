@@ -1,10 +1,13 @@
-"""Command line: text-prompted segmentation of an image or a folder of images.
+"""Command line: text-prompted segmentation of an image, a folder of images, or a video.
 
     python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR
         [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
         [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
+    python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
+        [--max-frames N] [--max-objects N] [--id-maps] [--save-masks] [--offload]   (+ the options above)
 
-Writes DIR/<image stem>/{mask.png, instances.png, overlay.png, detections.json} per image.
+Writes DIR/<image stem>/{mask.png, instances.png, overlay.png, detections.json} per image; for a video
+(.mp4, .mov, .avi, .mkv, .webm, …) DIR/video_overlay.mp4 and DIR/tracks.json (+ DIR/id_maps/ with --id-maps).
 Exit codes: 0 done (also when nothing was found), 2 bad input (missing file, empty prompt, bad model path,
 unreadable image: the others are still written), 1 unexpected error.
 """
@@ -49,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clipseg", default=DEFAULT_CLIPSEG, help="CLIPSeg hub id or local folder")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: auto)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    video = parser.add_argument_group("video")
+    video.add_argument("--redetect-every", type=int, default=10, help="frames between detections adding new objects (0: once)")
+    video.add_argument("--frame-stride", type=int, default=1, help="process every n-th frame")
+    video.add_argument("--max-frames", type=int, default=None, help="stop after this many processed frames")
+    video.add_argument("--max-objects", type=int, default=20, help="most objects tracked at once")
+    video.add_argument("--id-maps", action="store_true", help="also write a uint16 object-id PNG per frame")
+    video.add_argument("--save-masks", action="store_true", help="RLE masks per frame in tracks.json")
+    video.add_argument("--offload", action="store_true", help="keep frames and SAM 2 state on the CPU")
     return parser
 
 
@@ -61,6 +72,7 @@ def _prepare(args: argparse.Namespace):
     from nbhelpers.platform import ensure_writable_dir, select_runtime
     from nbhelpers.seg.image import IMAGE_EXTENSIONS, list_image_files, normalize_prompt
     from nbhelpers.seg.models import ModelLoadError, load_models, resolve_model_source
+    from nbhelpers.seg.video_io import is_video_file, probe_video
 
     try:
         source = Path(args.images).expanduser()
@@ -68,6 +80,8 @@ def _prepare(args: argparse.Namespace):
             raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file or a folder of images)")
         if source.is_dir() and not list_image_files(source):
             raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        if is_video_file(source):
+            probe_video(source)  # a corrupt or undecodable video fails here, before model loading
         normalize_prompt(args.prompt)  # an empty prompt fails here, before minutes of model loading
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -82,11 +96,30 @@ def _prepare(args: argparse.Namespace):
     return source, models
 
 
+def run_video(args: argparse.Namespace, source: Path, models) -> int:
+    """Segment a video into --out; returns the exit code."""
+    from nbhelpers.seg.video import VideoOutOfMemoryError, segment_video
+
+    try:
+        result = segment_video(
+            source, args.prompt, models, args.out, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+            clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, frame_stride=args.frame_stride,
+            max_frames=args.max_frames, redetect_every=args.redetect_every, max_objects=args.max_objects,
+            save_id_maps=args.id_maps, save_masks=args.save_masks, offload=args.offload)
+    except (ValueError, VideoOutOfMemoryError) as error:  # bad options, an unreadable video, or too little GPU memory
+        raise BadInput(str(error)) from error
+    print(result.summary(), "->", args.out, flush=True)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
-    """Segment and save every image; returns the exit code."""
+    """Segment and save every image (or the video); returns the exit code."""
     from nbhelpers.seg import pipeline
+    from nbhelpers.seg.video_io import is_video_file
 
     source, models = _prepare(args)
+    if is_video_file(source):
+        return run_video(args, source, models)
     config = pipeline.SegmentConfig(
         images=str(source), prompt=args.prompt, out_dir=str(args.out), dino_model=args.dino, sam_model=args.sam,
         clipseg_model=args.clipseg, box_threshold=args.box_threshold, text_threshold=args.text_threshold,

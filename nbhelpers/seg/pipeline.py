@@ -14,6 +14,7 @@ from nbhelpers.seg.image import Segmentation, iter_segmentations
 from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
+SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "assets" / "sample_clip.mp4"
 
 
 @dataclass
@@ -31,6 +32,16 @@ class SegmentConfig:
     multimask: bool = False  # SAM predicts three masks per box and keeps the best by predicted IoU
     batch_size: int = 4  # images per forward pass
     device: str | None = None  # None = auto (cuda > mps > cpu)
+    # video (segment_video)
+    video: str | None = None  # a video file; None = the sample clip in assets/
+    video_prompt: str | None = None  # None = `prompt`
+    frame_stride: int = 1  # process every n-th frame (the overlay keeps the source's duration)
+    max_frames: int | None = None  # stop after this many processed frames; None = the whole video
+    redetect_every: int = 10  # frames between detections that add new objects; 0 = detect once
+    max_objects: int = 20  # most objects tracked at once (each costs SAM 2 time per frame)
+    save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
+    save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
+    offload_video: bool = False  # keep frames and SAM 2 state on the CPU (less GPU memory, slower)
 
     def thresholds(self) -> dict[str, float | bool]:
         keys = ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "multimask")
@@ -41,6 +52,9 @@ class SegmentConfig:
 
     def output_dir(self) -> Path:
         return resolve_paths("q2_seg", None, self.out_dir).out_dir
+
+    def video_source(self) -> Path:
+        return Path(self.video).expanduser() if self.video else SAMPLE_CLIP
 
 
 @dataclass
@@ -112,6 +126,51 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
         plt.close(figure)
     if len(results) > max_images:
         print(f"{len(results) - max_images} more results in {results[0].folder.parent}")
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def run_video(config: SegmentConfig, models: SegmentationModels | None = None, verbose: bool = True):
+    """Segment the configured video into OUT_DIR/video/<video stem>/ (video_overlay.mp4, tracks.json[, id_maps/]).
+
+    Returns:
+        nbhelpers.seg.video.VideoSegmentation.
+    """
+    from nbhelpers.seg.video import segment_video
+
+    source = config.video_source()
+    models = models or load_configured_models(config)
+    result = segment_video(
+        source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
+        **{key: value for key, value in config.thresholds().items() if key != "multimask"},
+        frame_stride=config.frame_stride, max_frames=config.max_frames, redetect_every=config.redetect_every,
+        max_objects=config.max_objects, save_id_maps=config.save_id_maps, save_masks=config.save_masks,
+        offload=config.offload_video)
+    if verbose:
+        print(result.summary(), "->", result.files["overlay"].parent, flush=True)
+    return result
+
+
+def show_video(result, max_embed_mb: float = 25.0) -> None:
+    """Play the overlay inline (embedded when small enough) and list the tracked objects."""
+    from html import escape
+
+    from IPython.display import HTML, Video, display
+
+    path = result.files["overlay"]
+    size_mb = path.stat().st_size / 2**20
+    if result.codec != "h264":
+        print(f"{path.name} is {result.codec}: browsers may not play it inline; download it or install imageio-ffmpeg.")
+    if size_mb <= max_embed_mb:
+        display(Video(str(path), embed=True, mimetype="video/mp4", html_attributes="controls loop muted"))
+    else:
+        print(f"{path} is {size_mb:.0f} MB: too large to embed; download it from the output folder.")
+    rows = "".join(f"<tr><td>{t.object_id}</td><td>{escape(t.label)}</td><td>{t.source}</td><td>{t.first_frame}</td>"
+                   f"<td>{t.last_frame}</td><td>{'lost' if t.lost_since is not None or t.last_frame is None else 'visible'}</td></tr>"
+                   for t in result.tracks)
+    display(HTML("<table><tr><th>id</th><th>label</th><th>found by</th><th>first frame</th><th>last seen</th>"
+                 f"<th>at the end</th></tr>{rows}</table>" if rows else f"<p>{escape(result.message)}</p>"))
 
 
 # ----------------------------------------------------------------------------- interactive UI

@@ -47,6 +47,10 @@ class FrameDetections:
 Detector = Callable[[np.ndarray], FrameDetections]
 
 
+class VideoOutOfMemoryError(RuntimeError):
+    """The GPU ran out of memory even with frames and SAM 2 state offloaded to the CPU."""
+
+
 def text_detector(models: SegmentationModels, prompt: str | Sequence[str], box_threshold: float = 0.35,
                   text_threshold: float = 0.25, clipseg_threshold: float = 0.4, nms_iou: float = 0.5) -> Detector:
     """The image pipeline's detection as a per-frame detector: GroundingDINO, else CLIPSeg regions' boxes.
@@ -292,7 +296,7 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
         except torch.cuda.OutOfMemoryError as error:
             _free_cuda_memory()
             if offloaded:
-                raise RuntimeError(
+                raise VideoOutOfMemoryError(
                     "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
                     " fewer objects (MAX_OBJECTS), or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
             warnings.warn("GPU out of memory: retrying once with frames and SAM 2 state offloaded to the CPU.", stacklevel=2)

@@ -49,7 +49,15 @@ def _opencv_fourcc(capture: cv2.VideoCapture) -> str:
     return text if text.isprintable() and text.strip() else "unknown"
 
 
+def _quiet_opencv() -> None:
+    """OpenCV's FFmpeg backend prints its own lines for every file it cannot open; our error names the fix
+    instead. Honours a user's own OPENCV_FFMPEG_LOGLEVEL (read when the backend first opens a file)."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def _probe_opencv(path: Path) -> VideoInfo | None:
+    _quiet_opencv()
     capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not capture.isOpened():

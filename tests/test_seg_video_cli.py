@@ -1,0 +1,50 @@
+"""`python -m nbhelpers.seg VIDEO ...`: outputs and exit codes with the tiny random models (no network)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+
+from nbhelpers.seg.video_export import load_tracks
+from nbhelpers.testing import make_test_video
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(dirs: dict[str, Path], *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    models = ["--dino", str(dirs["dino"]), "--sam", str(dirs["sam"]), "--clipseg", str(dirs["clipseg"]), "--device", "cpu"]
+    return subprocess.run([sys.executable, "-m", "nbhelpers.seg", *args, *models], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_video_run_writes_overlay_and_tracks(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    clip = make_test_video(tmp_path / "clip.mp4", frames=8, height=48, width=64, fps=8.0)
+    out = tmp_path / "out"
+    done = _run_cli(tiny_seg_model_dirs, str(clip), "--prompt", "a cat", "--out", str(out), "--box-threshold", "0.05",
+                    "--redetect-every", "3", "--max-objects", "2", "--id-maps")
+    assert done.returncode == 0, done.stderr
+    capture = cv2.VideoCapture(str(out / "video_overlay.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 and capture.get(cv2.CAP_PROP_FPS) == 8.0
+    tracks = load_tracks(out / "tracks.json")
+    assert tracks["redetect_every"] == 3 and 1 <= len(tracks["objects"]) <= 2
+    assert len(list((out / "id_maps").glob("*.png"))) == 8
+
+
+def test_corrupt_video_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x01 not a video" * 50)
+    done = _run_cli(tiny_seg_model_dirs, str(bad), "--prompt", "a cat", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith("error: cannot read") and "ffmpeg -i INPUT -c:v libx264" in done.stderr
+
+
+def test_bad_video_option_exits_2(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    clip = make_test_video(tmp_path / "clip.mp4", frames=2, height=48, width=64)
+    done = _run_cli(tiny_seg_model_dirs, str(clip), "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                    "--frame-stride", "0")
+    assert done.returncode == 2 and "frame_stride" in done.stderr
