@@ -232,3 +232,57 @@ def build_tiny_segmentation_models(root: str | os.PathLike) -> dict[str, Path]:
             torch.manual_seed(0)  # the same random weights on every build
             paths[key] = _save_atomically(root / folder_name, save)
     return paths
+
+
+# ----------------------------------------------------------------------------- real-size random models (benchmarks)
+
+
+def _save_real_grounding_dino(folder: Path) -> None:
+    from transformers import (BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor)
+
+    model = GroundingDinoForObjectDetection(GroundingDinoConfig()).eval()  # the default config is grounding-dino-tiny's
+    model.save_pretrained(folder)
+    tokenizer = BertTokenizer(vocab=tiny_bert_vocab(), model_max_length=256)  # ids fit BERT's 30,522-word table
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(), tokenizer=tokenizer).save_pretrained(folder)
+
+
+def _save_real_sam2(folder: Path) -> None:
+    from transformers import (Sam2ImageProcessor, Sam2VideoConfig, Sam2VideoModel, Sam2VideoProcessor,
+                              Sam2VideoVideoProcessor)
+
+    Sam2VideoModel(Sam2VideoConfig()).eval().save_pretrained(folder)  # default config: sam2.1-hiera-tiny's layout
+    Sam2VideoProcessor(image_processor=Sam2ImageProcessor(), video_processor=Sam2VideoVideoProcessor()).save_pretrained(folder)
+
+
+def _save_real_clipseg(folder: Path) -> None:
+    from transformers import (CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer,
+                              ViTImageProcessor)
+
+    vocab, merges = tiny_clip_bpe()
+    config = CLIPSegConfig(reduce_dim=64, use_complex_transposed_convolution=True)  # rd64-refined
+    CLIPSegForImageSegmentation(config).eval().save_pretrained(folder)
+    image_processor = ViTImageProcessor(size={"height": 352, "width": 352}, image_mean=[0.485, 0.456, 0.406],
+                                        image_std=[0.229, 0.224, 0.225])
+    CLIPSegProcessor(image_processor=image_processor,
+                     tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)).save_pretrained(folder)
+
+
+def build_real_config_models(root: str | os.PathLike) -> dict[str, Path]:
+    """Random weights in the real checkpoints' configurations (grounding-dino-tiny, sam2.1-hiera-tiny,
+    clipseg-rd64-refined) with real image processors and tiny tokenizers: real compute cost, no downloads.
+
+    Returns:
+        {"dino", "sam", "clipseg"} -> folders that load with `from_pretrained` (about 1 GB in all).
+    """
+    import torch
+
+    root = Path(root)
+    builders = {"dino": ("grounding-dino-tiny-random", _save_real_grounding_dino),
+                "sam": ("sam2.1-hiera-tiny-random", _save_real_sam2), "clipseg": ("clipseg-rd64-random", _save_real_clipseg)}
+    paths = {}
+    for key, (folder_name, save) in builders.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            paths[key] = _save_atomically(root / folder_name, save)
+    return paths

@@ -26,13 +26,18 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def flops_per_image(model: torch.nn.Module, image_size: int) -> int:
-    """Forward FLOPs for one image, counted by torch's FlopCounterMode (a multiply-add = 2 FLOPs)."""
+    """Forward FLOPs for one image, counted by torch's FlopCounterMode (a multiply-add = 2 FLOPs).
+
+    Attention runs on SDPA's math backend while counting: FlopCounterMode has no count for the CPU's fused
+    kernel (it would report attention as 0 FLOPs there), and the math backend's matmuls count the same on every device.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, image_size, image_size, device=device))
     model.train(was_training)
     return int(counter.get_total_flops())

@@ -1,0 +1,188 @@
+"""Segmentation speed with random weights of the real configurations (no downloads): one JSON line each.
+
+    python benchmarks/seg_speed.py                      # GPU figures (about 3 minutes on an H100, model build included)
+    python benchmarks/seg_speed.py --smoke              # tiny models, small inputs, CPU: checks the script (tests)
+    python benchmarks/seg_speed.py --video-frames 240 2400 --skip-image
+
+Measures
+- image: GroundingDINO-tiny + SAM 2.1-hiera-tiny end to end per image (preprocessing, both models, postprocessing,
+  overlay rendering) at 1200x800 px, batch 1 and batched; the box threshold is set so that 5 boxes pass (random
+  weights give arbitrary scores), so SAM works on a realistic number of boxes.
+- clipseg: CLIPSeg rd64-refined latency for a two-phrase prompt.
+- video: `segment_video` frames/s (decode, SAM 2 propagation, overlay, H.264 encode) and peak GPU memory for each
+  length in --video-frames, 720p, one tracked object; plus SAM 2 propagation alone. Targets (H100): end-to-end
+  image <= 100 ms at batch 1; video >= 60 frames/s; peak memory at the longest length within 10% of the shortest.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py when run as a script
+from _common import emit, environment, synchronize, target_fields  # noqa: E402
+
+from nbhelpers.seg.image import segment_images  # noqa: E402
+from nbhelpers.seg.inference import clipseg_probabilities, run_grounding_dino  # noqa: E402
+from nbhelpers.seg.models import load_models, load_sam2_video  # noqa: E402
+from nbhelpers.seg.render import overlay  # noqa: E402
+from nbhelpers.seg.tracking import StreamingTracker  # noqa: E402
+from nbhelpers.seg.video import FrameDetections, segment_video  # noqa: E402
+from nbhelpers.seg.video_io import VideoWriter  # noqa: E402
+from nbhelpers.testing import build_real_config_models, build_tiny_segmentation_models, make_test_frame, make_test_image  # noqa: E402
+
+PROMPT = "a cat. a remote"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models and inputs on the CPU (seconds)")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: auto)")
+    parser.add_argument("--models", type=Path, default=None, help="folder for the random models (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed images per measurement")
+    parser.add_argument("--batch-size", type=int, default=None, help="batched image measurement")
+    parser.add_argument("--video-frames", type=int, nargs="+", default=None, help="video lengths to measure")
+    parser.add_argument("--skip-image", action="store_true", help="only the video measurements")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.repeats = args.repeats or (2 if smoke else 20)
+    args.batch_size = args.batch_size or (2 if smoke else 8)
+    args.video_frames = args.video_frames or ([12, 120] if smoke else [240, 2400])
+    args.image_size = (96, 128) if smoke else (800, 1200)  # (H, W)
+    args.video_size = (32, 48) if smoke else (720, 1280)
+    return args
+
+
+def five_box_threshold(models, image: np.ndarray) -> float:
+    """A box threshold just under the 5th best GroundingDINO score on `image` (random weights score arbitrarily)."""
+    from PIL import Image
+
+    found = run_grounding_dino(models.dino, [Image.fromarray(image)], "a cat. a remote.", 2, 0.0, 0.0)[0]
+    scores = np.sort(found.scores)[::-1]
+    return float(scores[min(4, len(scores) - 1)]) - 1e-6 if len(scores) else 0.0
+
+
+def measure_images(models, args, base: dict) -> None:
+    height, width = args.image_size
+    images = [make_test_image(height, width, seed=i) for i in range(args.batch_size)]
+    threshold = five_box_threshold(models, images[0])
+    device = models.dino.device
+    for batch_size in (1, args.batch_size):
+        seconds = []
+        for repeat in range(args.repeats + 2):  # two warm-up rounds
+            batch = images[:batch_size]
+            synchronize(device)
+            start = time.perf_counter()
+            results = segment_images(batch, PROMPT, models, box_threshold=threshold, batch_size=batch_size, progress=False)
+            for image, (_, seg) in zip(batch, results):
+                overlay(image, seg)
+            synchronize(device)
+            if repeat >= 2:
+                seconds.append((time.perf_counter() - start) / batch_size)
+        per_image = statistics.median(seconds)
+        boxes = statistics.mean(len(seg) for _, seg in results)
+        record = base | {"measurement": "image_end_to_end", "batch_size": batch_size, "image_hw": [height, width],
+                         "boxes_per_image": boxes, "ms_per_image": round(per_image * 1000, 2),
+                         "stages_ms": {k: round(v * 1000, 2) for k, v in results[0][1].timings.items()}}
+        targets = {"ms_per_image": 100.0} if batch_size == 1 else {}
+        emit(record | (target_fields(record, targets, ("ms_per_image",), evaluate=base["is_h100"]) if targets else {}))
+
+
+def measure_clipseg(models, args, base: dict) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(make_test_image(*args.image_size))
+    seconds = []
+    for repeat in range(args.repeats + 2):
+        synchronize(models.clipseg.device)
+        start = time.perf_counter()
+        clipseg_probabilities(models.clipseg, image, ["a cat", "a remote"])
+        if repeat >= 2:
+            seconds.append(time.perf_counter() - start)
+    emit(base | {"measurement": "clipseg", "phrases": 2, "ms_per_image": round(statistics.median(seconds) * 1000, 2)})
+
+
+def one_box_detector(height: int, width: int):
+    """The video benchmark tracks one object: a fixed box (the detector's own cost is measured above)."""
+    box = np.asarray([[width * 0.3, height * 0.2, width * 0.6, height * 0.7]], np.float32)
+    return lambda frame: FrameDetections(box, np.ones(1, np.float32), ["a cat"], "benchmark-box")
+
+
+def write_clip(path: Path, frames: int, height: int, width: int) -> Path:
+    with VideoWriter(path, width, height, 30.0) as writer:
+        for index in range(frames):
+            writer.write(make_test_frame(index, height, width))
+    return path
+
+
+def measure_video(models, sam_video, args, base: dict, workdir: Path) -> None:
+    height, width = args.video_size
+    peaks = {}
+    for frames in args.video_frames:
+        clip = write_clip(workdir / f"clip{frames}.mp4", frames, height, width)
+        result = segment_video(clip, "a cat", models, workdir / f"out{frames}", sam_video=sam_video,
+                               detector=one_box_detector(height, width), progress=False)
+        peaks[frames] = result.peak_gpu_memory_bytes
+        record = base | {"measurement": "video_end_to_end", "frames": result.frames, "video_hw": [height, width],
+                         "frames_per_second": round(result.frames_per_second, 2), "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
+                         "frames_held_peak": result.frames_held_peak, "codec": result.codec}
+        emit(record | target_fields(record, {"frames_per_second": 60.0}, evaluate=base["is_h100"]))
+    shortest, longest = min(peaks), max(peaks)
+    growth = (peaks[longest] / peaks[shortest] - 1.0) if peaks[shortest] else None
+    record = base | {"measurement": "video_memory_growth", "frames": [shortest, longest],
+                     "peak_gpu_memory_bytes": [peaks[shortest], peaks[longest]],
+                     "growth": None if growth is None else round(growth, 4)}
+    emit(record | target_fields(record, {"growth": 0.10}, ("growth",), evaluate=base["is_h100"] and growth is not None))
+    measure_propagation(sam_video, args, base)
+
+
+def measure_propagation(sam_video, args, base: dict) -> None:
+    """SAM 2 propagation alone (frames already decoded, no rendering or encoding)."""
+    height, width = args.video_size
+    frames = [make_test_frame(index, height, width) for index in range(min(args.video_frames) + 5)]
+    tracker = StreamingTracker(sam_video, height, width)
+    tracker.add_objects(0, [1], one_box_detector(height, width)(frames[0]).boxes)
+    for index in range(5):  # warm-up
+        tracker.track(index, frames[index])
+    synchronize(sam_video.device)
+    start = time.perf_counter()
+    for index in range(5, len(frames)):
+        tracker.track(index, frames[index])
+    synchronize(sam_video.device)
+    emit(base | {"measurement": "video_propagation_only", "frames": len(frames) - 5, "video_hw": [height, width],
+                 "frames_per_second": round((len(frames) - 5) / (time.perf_counter() - start), 2)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="seg_speed_") as temp:
+        root = args.models or Path(temp) / "models"
+        dirs = build_tiny_segmentation_models(root) if args.smoke else build_real_config_models(root)
+        models = load_models(dirs["dino"], dirs["sam"], dirs["clipseg"], device=args.device)
+        sam_video = load_sam2_video(dirs["sam"], None if args.device is None else _runtime(args.device))
+        device = models.dino.device
+        base = {"benchmark": "seg_speed", "smoke": args.smoke, "models": "tiny random" if args.smoke else
+                "random weights, real configs"} | environment(device)
+        base["is_h100"] = "h100" in base["device"].lower()
+        if not args.skip_image:
+            measure_images(models, args, base)
+            measure_clipseg(models, args, base)
+        measure_video(models, sam_video, args, base, Path(temp))
+    return 0
+
+
+def _runtime(device: str):
+    from nbhelpers.platform import select_runtime
+
+    return select_runtime(device, "auto", compile=False, verbose=False)
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        sys.exit(main())

@@ -1,0 +1,32 @@
+"""benchmarks/seg_speed.py --smoke: every line is JSON with the measurements the GPU run reports."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_seg_speed_smoke_reports_every_measurement(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "benchmarks/seg_speed.py", "--smoke", "--models", str(tmp_path / "models")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == len(done.stdout.strip().splitlines()) - done.stdout.count("[nbhelpers]"), done.stdout
+    by_kind: dict[str, list[dict]] = {}
+    for record in records:
+        by_kind.setdefault(record["measurement"], []).append(record)
+    images = by_kind["image_end_to_end"]
+    assert [r["batch_size"] for r in images] == [1, 2] and all(r["ms_per_image"] > 0 for r in images)
+    assert images[0]["boxes_per_image"] == 5, "the threshold is calibrated so that SAM gets five boxes"
+    assert images[0]["target"]["ms_per_image"] == 100.0 and images[0]["target_met"] is None  # targets are for an H100
+    assert by_kind["clipseg"][0]["ms_per_image"] > 0
+    short, long = by_kind["video_end_to_end"]
+    assert (short["frames"], long["frames"]) == (12, 120) and long["frames_per_second"] > 0
+    assert long["frames_held_peak"] <= 20, "SAM 2 state is pruned to its memory window"
+    assert by_kind["video_memory_growth"][0]["growth"] is None  # no GPU memory to compare on a CPU
+    assert by_kind["video_propagation_only"][0]["frames_per_second"] > 0
