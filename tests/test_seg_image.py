@@ -120,6 +120,16 @@ def test_pipeline_output_respects_nms(tiny_seg_models) -> None:
     assert worst <= iou + 1e-6 and 0 < len(result) < len(unsuppressed)
 
 
+def test_max_detections_keeps_the_highest_scores(tiny_seg_models) -> None:
+    image = make_test_image(80, 120)
+    everything = segment_images([image], "a cat", tiny_seg_models, box_threshold=0.0, text_threshold=0.0, progress=False)[0][1]
+    assert len(everything) > 3, "need more boxes than the cap for the check to mean anything"
+    capped = segment_images([image], "a cat", tiny_seg_models, box_threshold=0.0, text_threshold=0.0, progress=False,
+                            max_detections=3)[0][1]
+    np.testing.assert_allclose(np.sort(capped.scores), np.sort(everything.scores)[-3:])
+    assert capped.masks.shape == (3, 80, 120)
+
+
 def test_fallback_to_clipseg_when_dino_finds_nothing(tiny_seg_models) -> None:
     # Random weights: a CLIPSeg threshold of 0 makes every pixel (sigmoid > 0) one region, so the fallback
     # deterministically finds something; box_threshold=1.0 can never be exceeded by a sigmoid score.

@@ -103,6 +103,7 @@ class _Settings:
     clipseg_threshold: float
     nms_iou: float
     multimask: bool
+    max_detections: int | None = None  # keep only the highest-scoring boxes after NMS; None = all
 
 
 def per_label_nms(detections: Detections, iou: float) -> Detections:
@@ -140,6 +141,9 @@ def _segment_one(image: Image.Image, detections: Detections, phrases: list[str],
                  timings: dict[str, float]) -> Segmentation:
     size = (image.height, image.width)
     detections = per_label_nms(detections, settings.nms_iou)
+    if settings.max_detections is not None and len(detections.scores) > settings.max_detections:
+        keep = np.sort(np.argsort(-detections.scores, kind="stable")[: settings.max_detections])
+        detections = Detections(detections.boxes[keep], detections.scores[keep], detections.phrase_index[keep])
     start = time.perf_counter()
     if len(detections.boxes):
         masks, mask_scores = sam2_masks_for_boxes(models.sam, embeddings, index, detections.boxes, size, settings.multimask)
@@ -221,17 +225,19 @@ def iter_segmentations(images: str | os.PathLike | np.ndarray | Iterable, prompt
                        models: SegmentationModels, box_threshold: float = 0.35, text_threshold: float = 0.25,
                        clipseg_threshold: float = 0.4, nms_iou: float = 0.5, multimask: bool = False,
                        batch_size: int = 4, progress: bool = True,
-                       on_unreadable: Callable[[str, Exception], None] | None = None
+                       on_unreadable: Callable[[str, Exception], None] | None = None, max_detections: int | None = None
                        ) -> Iterator[tuple[str, np.ndarray, Segmentation]]:
     """Like `segment_images`, but yields (name, image RGB, Segmentation) batch by batch (bounded memory).
 
     Args:
         on_unreadable: called with (name, error) for a missing or corrupt file, which is then skipped;
             None = raise the FileNotFoundError / ValueError.
+        max_detections: keep at most this many GroundingDINO boxes per image (highest scores); None = all.
     """
     assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
     phrases = _fit_phrases(prompt_phrases(prompt), models.dino.processor.tokenizer, max_prompt_tokens(models.dino))
-    settings = _Settings(box_threshold, text_threshold, clipseg_threshold, nms_iou, multimask)
+    assert max_detections is None or max_detections >= 1, f"max_detections must be None or >= 1, got {max_detections}"
+    settings = _Settings(box_threshold, text_threshold, clipseg_threshold, nms_iou, multimask, max_detections)
     sources = _named_sources(images)
     with tqdm(total=len(sources), desc="segment", unit="image", disable=not progress) as bar:
         for first in range(0, len(sources), batch_size):
@@ -252,7 +258,8 @@ def iter_segmentations(images: str | os.PathLike | np.ndarray | Iterable, prompt
 def segment_images(images: str | os.PathLike | np.ndarray | Iterable, prompt: str | Sequence[str],
                    models: SegmentationModels, box_threshold: float = 0.35, text_threshold: float = 0.25,
                    clipseg_threshold: float = 0.4, nms_iou: float = 0.5, multimask: bool = False, batch_size: int = 4,
-                   progress: bool = True, skip_unreadable: bool = False) -> list[tuple[str, Segmentation]]:
+                   progress: bool = True, skip_unreadable: bool = False,
+                   max_detections: int | None = None) -> list[tuple[str, Segmentation]]:
     """Segment every image of a folder or list with one prompt (batched GroundingDINO and SAM encoder).
 
     Args:
@@ -260,6 +267,7 @@ def segment_images(images: str | os.PathLike | np.ndarray | Iterable, prompt: st
         prompt, models, thresholds, nms_iou, multimask: as in `segment_image`.
         batch_size: images per forward pass. progress: show a tqdm bar.
         skip_unreadable: warn and go on past missing/corrupt files instead of raising.
+        max_detections: keep at most this many GroundingDINO boxes per image (highest scores); None = all.
     Returns:
         [(source name, Segmentation)] in input order (file name for paths, "image_<i>" for arrays).
         All masks stay in memory: for large folders iterate `iter_segmentations` instead.
@@ -269,7 +277,7 @@ def segment_images(images: str | os.PathLike | np.ndarray | Iterable, prompt: st
 
     return [(name, segmentation) for name, _, segmentation in iter_segmentations(
         images, prompt, models, box_threshold, text_threshold, clipseg_threshold, nms_iou, multimask, batch_size,
-        progress, warn if skip_unreadable else None)]
+        progress, warn if skip_unreadable else None, max_detections)]
 
 
 def segment_image(image: str | os.PathLike | np.ndarray | Image.Image, prompt: str | Sequence[str],

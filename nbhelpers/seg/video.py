@@ -29,7 +29,7 @@ from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_vide
 from nbhelpers.seg.render import overlay
 from nbhelpers.seg.tracking import FrameMasks, StreamingTracker
 from nbhelpers.seg.video_export import ID_MAPS_DIR, OVERLAY_FILE, TRACKS_FILE, IdMapWriter, Track, write_tracks
-from nbhelpers.seg.video_io import VideoInfo, VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video_io import OrderedWorker, VideoInfo, VideoWriter, iter_frames, prefetch, probe_video
 
 # ----------------------------------------------------------------------------- detection
 
@@ -169,17 +169,26 @@ class _VideoRun:
             track.record(frame, masks.get(object_id), self.options.save_masks)
         return result
 
-    def render(self, frame_rgb: np.ndarray, result: FrameMasks) -> np.ndarray:
+    def drawing(self, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
+        """What to draw on this frame (a snapshot: the tracks change while a helper thread draws)."""
         visible = [i for i, mask in enumerate(result.masks) if mask.any()]
         if not visible:
-            return frame_rgb
+            return None
         ids = [result.object_ids[i] for i in visible]
         tracks = [self.tracks[object_id] for object_id in ids]
         boxes = np.asarray([track.frames[-1]["box_xyxy"] for track in tracks], np.float32)
         scores = np.asarray([track.score for track in tracks], np.float32)
         seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in tracks], result.masks[visible],
                            np.full(len(ids), np.nan, np.float32), "sam2-video", (self.info.height, self.info.width), "")
-        return overlay(frame_rgb, seg, alpha=self.options.alpha, color_indices=[object_id - 1 for object_id in ids])
+        return seg, [object_id - 1 for object_id in ids]
+
+
+def _write_frame(writer: VideoWriter, id_maps: IdMapWriter | None, frame: int, frame_rgb: np.ndarray,
+                 drawing: tuple[Segmentation, list[int]] | None, result: FrameMasks, alpha: float) -> None:
+    """Draw and encode one frame (runs on the writer thread)."""
+    writer.write(frame_rgb if drawing is None else overlay(frame_rgb, drawing[0], alpha=alpha, color_indices=drawing[1]))
+    if id_maps is not None:
+        id_maps.write(frame, result.object_ids, result.masks, frame_rgb.shape[:2])
 
 
 def _expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
@@ -198,18 +207,18 @@ def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir
     cuda = sam_video.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(sam_video.device)
-    frames, start = 0, time.perf_counter()
+    frames, start, worker = 0, time.perf_counter(), OrderedWorker()
     try:
         with tqdm(total=_expected_frames(info, stride, max_frames), desc="video", unit="frame", disable=not progress) as bar:
-            for frame, (_, frame_rgb) in enumerate(iter_frames(info, stride, max_frames)):
+            for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, stride, max_frames))):
                 result = run.step(frame, frame_rgb)
-                writer.write(run.render(frame_rgb, result))
-                if id_maps is not None:
-                    id_maps.write(frame, result.object_ids, result.masks, (info.height, info.width))
+                worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(result), result, options.alpha)
                 frames += 1
                 bar.set_postfix(objects=len(run.tracks), refresh=False)
                 bar.update()
+            worker.finish()
     except BaseException:
+        worker.cancel()
         writer.abort()
         if id_maps is not None:
             id_maps.abort()

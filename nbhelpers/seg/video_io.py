@@ -8,10 +8,14 @@ into place only when complete.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import cv2
 import numpy as np
@@ -19,6 +23,7 @@ import numpy as np
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 REENCODE_HINT = "re-encode it, e.g. `ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4`, and pass OUTPUT.mp4"
 DEFAULT_FPS = 30.0  # used when a file carries no frame rate
+T = TypeVar("T")
 
 
 class VideoError(ValueError):
@@ -256,3 +261,80 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+# ----------------------------------------------------------------------------- overlapping I/O with the GPU
+# Decoding, drawing and encoding run on the CPU while SAM 2 runs on the GPU; both release the GIL for most of
+# their time (OpenCV, numpy, CUDA kernels, the ffmpeg pipe), so two helper threads hide most of the CPU time.
+
+
+def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """Yield `items`, produced by a background thread up to `depth` ahead; errors surface in the caller."""
+    pending: queue.Queue = queue.Queue(maxsize=depth)
+    stop, finished = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                pending.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(finished)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := pending.get()) is not finished:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        if hasattr(items, "close"):
+            items.close()  # runs the source's cleanup (e.g. releasing the capture) in this thread
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class OrderedWorker:
+    """Run jobs one after another on one background thread, at most `pending` queued (bounded memory).
+
+    `submit` re-raises a failed job's error; `finish` waits for all; `cancel` drops what has not started.
+    """
+
+    def __init__(self, pending: int = 3):
+        self.pending = pending
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ordered-worker")
+        self.futures: deque[Future] = deque()
+
+    def submit(self, job: Callable[..., Any], *args: Any) -> None:
+        while len(self.futures) >= self.pending:
+            self.futures.popleft().result()
+        self.futures.append(self.executor.submit(job, *args))
+
+    def finish(self) -> None:
+        try:
+            while self.futures:
+                self.futures.popleft().result()
+        finally:
+            self.executor.shutdown(wait=True)
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+        self.futures.clear()
+        self.executor.shutdown(wait=True)
