@@ -33,7 +33,8 @@ from nbhelpers.seg.inference import clipseg_probabilities  # noqa: E402
 from nbhelpers.seg.models import load_models, load_sam2_video  # noqa: E402
 from nbhelpers.seg.render import overlay  # noqa: E402
 from nbhelpers.seg.tracking import StreamingTracker  # noqa: E402
-from nbhelpers.seg.video import FrameDetections, segment_video  # noqa: E402
+from nbhelpers.seg.detection import FrameDetections
+from nbhelpers.seg.video import segment_video  # noqa: E402
 from nbhelpers.seg.video_io import VideoWriter  # noqa: E402
 from nbhelpers.testing import build_real_config_models, build_tiny_segmentation_models, make_test_frame, make_test_image  # noqa: E402
 

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from nbhelpers.seg.video_io import OrderedWorker, VideoWriter, iter_frames, prefetch, probe_video
+from nbhelpers.seg.overlap import OrderedWorker, prefetch
+from nbhelpers.seg.video_io import VideoWriter, iter_frames, probe_video
 from nbhelpers.testing import make_test_frame, make_test_video
 
 

@@ -105,7 +105,8 @@ def run_video(args: argparse.Namespace, source: Path, models) -> int:
             source, args.prompt, models, args.out, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
             clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, frame_stride=args.frame_stride,
             max_frames=args.max_frames, redetect_every=args.redetect_every, max_objects=args.max_objects,
-            save_id_maps=args.id_maps, save_masks=args.save_masks, offload=args.offload)
+            save_id_maps=args.id_maps, save_masks=args.save_masks, offload_frames=args.offload,
+            offload_state=args.offload)
     except (ValueError, VideoOutOfMemoryError) as error:  # bad options, an unreadable video, or too little GPU memory
         raise BadInput(str(error)) from error
     print(result.summary(), "->", args.out, flush=True)

@@ -146,7 +146,7 @@ def run_video(config: SegmentConfig, models: SegmentationModels | None = None, v
         **{key: value for key, value in config.thresholds().items() if key != "multimask"},
         frame_stride=config.frame_stride, max_frames=config.max_frames, redetect_every=config.redetect_every,
         max_objects=config.max_objects, save_id_maps=config.save_id_maps, save_masks=config.save_masks,
-        offload=config.offload_video)
+        offload_frames=config.offload_video, offload_state=config.offload_video)
     if verbose:
         print(result.summary(), "->", result.files["overlay"].parent, flush=True)
     return result

@@ -13,70 +13,27 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from nbhelpers.platform import ensure_writable_dir
-from nbhelpers.seg.image import Segmentation, clipseg_map_to_boxes, per_label_nms
-from nbhelpers.seg.inference import clipseg_probabilities, max_prompt_tokens, run_grounding_dino
-from nbhelpers.seg.inputs import _fit_phrases, normalize_prompt, prompt_phrases
+from nbhelpers.seg.detection import Detector, text_detector
+from nbhelpers.seg.image import Segmentation
+from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_video
+from nbhelpers.seg.overlap import OrderedWorker, prefetch
 from nbhelpers.seg.render import overlay
 from nbhelpers.seg.tracking import FrameMasks, StreamingTracker
-from nbhelpers.seg.video_export import ID_MAPS_DIR, OVERLAY_FILE, TRACKS_FILE, IdMapWriter, Track, write_tracks
-from nbhelpers.seg.video_io import OrderedWorker, VideoInfo, VideoWriter, iter_frames, prefetch, probe_video
-
-# ----------------------------------------------------------------------------- detection
-
-
-@dataclass
-class FrameDetections:
-    """Objects found on one frame."""
-
-    boxes: np.ndarray  # (N, 4) float32 xyxy in pixels
-    scores: np.ndarray  # (N,) float32
-    labels: list[str]  # (N,) prompt phrases
-    source: str  # "grounding-dino" | "clipseg-fallback" | a custom detector's name
-
-
-Detector = Callable[[np.ndarray], FrameDetections]
+from nbhelpers.seg.video_export import OVERLAY_FILE, TRACKS_FILE, IdMapWriter, Track, write_tracks
+from nbhelpers.seg.video_io import VideoInfo, VideoWriter, iter_frames, probe_video
 
 
 class VideoOutOfMemoryError(RuntimeError):
     """The GPU ran out of memory even with frames and SAM 2 state offloaded to the CPU."""
-
-
-def text_detector(models: SegmentationModels, prompt: str | Sequence[str], box_threshold: float = 0.35,
-                  text_threshold: float = 0.25, clipseg_threshold: float = 0.4, nms_iou: float = 0.5) -> Detector:
-    """The image pipeline's detection as a per-frame detector: GroundingDINO, else CLIPSeg regions' boxes.
-
-    Returns:
-        detect(frame RGB (H, W, 3) uint8) -> FrameDetections.
-    """
-    phrases = _fit_phrases(prompt_phrases(prompt), models.dino.processor.tokenizer, max_prompt_tokens(models.dino))
-    normalized = normalize_prompt(phrases)
-
-    def detect(frame_rgb: np.ndarray) -> FrameDetections:
-        image = Image.fromarray(frame_rgb)
-        found = run_grounding_dino(models.dino, [image], normalized, len(phrases), box_threshold, text_threshold)[0]
-        found = per_label_nms(found, nms_iou)
-        if len(found.boxes):
-            return FrameDetections(found.boxes, found.scores, [phrases[i] for i in found.phrase_index], "grounding-dino")
-        boxes, scores, labels = [np.zeros((0, 4), np.float32)], [], []
-        for phrase, probability in zip(phrases, clipseg_probabilities(models.clipseg, image, phrases)):
-            phrase_boxes, regions = clipseg_map_to_boxes(probability, clipseg_threshold)
-            boxes.append(phrase_boxes)
-            scores += [float(probability[region].mean()) for region in regions]
-            labels += [phrase] * len(phrase_boxes)
-        return FrameDetections(np.concatenate(boxes).astype(np.float32), np.asarray(scores, np.float32), labels,
-                               "clipseg-fallback" if labels else "none")
-
-    return detect
 
 
 # ----------------------------------------------------------------------------- result
@@ -100,7 +57,8 @@ class VideoSegmentation:
     seconds: float = 0.0  # wall time of the frame loop
     peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated during the loop; None off CUDA
     frames_held_peak: int = 0  # most frames SAM 2's session held at once (bounded by its memory window)
-    offloaded: bool = False  # frames and state were kept on the CPU
+    offload_frames: bool = False  # preprocessed frames were kept on the CPU
+    offload_state: bool = False  # SAM 2's memory features were kept on the CPU
 
     @property
     def frames_per_second(self) -> float:
@@ -199,9 +157,9 @@ def _expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> in
 
 
 def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir: Path, options: _Options,
-              stride: int, max_frames: int | None, save_id_maps: bool, offload: bool, progress: bool):
+              stride: int, max_frames: int | None, save_id_maps: bool, offload: tuple[bool, bool], progress: bool):
     """One pass over the video; every output appears only if the pass completes."""
-    run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, offload, offload), options)
+    run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, *offload), options)
     id_maps = IdMapWriter(out_dir) if save_id_maps else None
     writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, info.fps / stride)
     cuda = sam_video.device.type == "cuda"
@@ -267,7 +225,7 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
                   text_threshold: float = 0.25, clipseg_threshold: float = 0.4, nms_iou: float = 0.5,
                   frame_stride: int = 1, max_frames: int | None = None, redetect_every: int = 0,
                   new_object_iou: float = 0.3, max_objects: int = 20, save_id_maps: bool = False,
-                  save_masks: bool = False, offload: bool = False, alpha: float = 0.5,
+                  save_masks: bool = False, offload_frames: bool = False, offload_state: bool = False, alpha: float = 0.5,
                   detector: Detector | None = None, progress: bool = True) -> VideoSegmentation:
     """Segment the prompt's objects through a video and write OUT/video_overlay.mp4 and OUT/tracks.json.
 
@@ -282,7 +240,8 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
             overlaps no visible track by `new_object_iou` or more (0 = only the first detection).
         max_objects: cap on tracked objects (each costs SAM 2 time on every frame).
         save_id_maps: also write OUT/id_maps/NNNNNN.png (uint16 object ids). save_masks: RLE masks in tracks.json.
-        offload: keep frames and SAM 2 state on the CPU (also the automatic retry after a GPU out-of-memory).
+        offload_frames / offload_state: keep the preprocessed frames / SAM 2's memory on the CPU (less GPU memory,
+            slower); after a GPU out-of-memory error the run is retried once with both on.
         detector: replaces GroundingDINO/CLIPSeg (frame RGB -> FrameDetections), e.g. for tests or other models.
     Returns:
         VideoSegmentation; `files` lists what was written.
@@ -297,14 +256,15 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
         sam_video = load_sam2_video(models.sam.model_id, select_runtime(str(models.sam.device), "auto", compile=False))
     detect = detector or text_detector(models, phrases, box_threshold, text_threshold, clipseg_threshold, nms_iou)
     options = _Options(redetect_every, new_object_iou, max_objects, save_masks, alpha)
-    for offloaded in ([True] if offload else [False, True]):
+    attempts = [(offload_frames, offload_state)] + ([(True, True)] if not (offload_frames and offload_state) else [])
+    for offloaded in attempts:
         try:
             run, frames, seconds, peak, files, codec = _run_pass(info, detect, sam_video, out, options, frame_stride,
                                                                  max_frames, save_id_maps, offloaded, progress)
             break
         except torch.cuda.OutOfMemoryError as error:
             _free_cuda_memory()
-            if offloaded:
+            if offloaded == (True, True):
                 raise VideoOutOfMemoryError(
                     "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
                     " fewer objects (MAX_OBJECTS), or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
@@ -312,7 +272,7 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
     result = VideoSegmentation(info.path.name, normalize_prompt(phrases), frames, (info.height, info.width), info.fps,
                                info.fps / frame_stride, list(run.tracks.values()), run.seed_frame, codec,
                                _message(run, frames, normalize_prompt(phrases), _expected_frames(info, frame_stride, max_frames)),
-                               files, seconds, peak, run.tracker.frames_held_peak, offloaded)
+                               files, seconds, peak, run.tracker.frames_held_peak, *offloaded)
     result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, _metadata(result, models, sam_video, options,
                                                                                        frame_stride, detector is None))
     return result
@@ -328,4 +288,4 @@ def _metadata(result: VideoSegmentation, models: SegmentationModels, sam_video: 
             "models": models.describe() | {"sam_video_model": sam_video.model_id, "sam_video_backend": sam_video.backend},
             "seconds": round(result.seconds, 3), "frames_per_second": round(result.frames_per_second, 2),
             "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes, "frames_held_peak": result.frames_held_peak,
-            "offloaded": result.offloaded, "message": result.message}
+            "offload_frames": result.offload_frames, "offload_state": result.offload_state, "message": result.message}

@@ -8,14 +8,12 @@ into place only when complete.
 from __future__ import annotations
 
 import os
-import queue
-import threading
+import re
+import subprocess
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -23,7 +21,6 @@ import numpy as np
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 REENCODE_HINT = "re-encode it, e.g. `ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4`, and pass OUTPUT.mp4"
 DEFAULT_FPS = 30.0  # used when a file carries no frame rate
-T = TypeVar("T")
 
 
 class VideoError(ValueError):
@@ -119,14 +116,29 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     if info is not None:
         return info
     header = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    opened, count, fourcc = header.isOpened(), int(header.get(cv2.CAP_PROP_FRAME_COUNT)), _opencv_fourcc(header)
+    opened, count = header.isOpened(), int(header.get(cv2.CAP_PROP_FRAME_COUNT))
     header.release()
     if opened and count <= 0:
         raise VideoError(f"{str(path)!r} contains no video frames: pass a video with at least one frame.")
-    if opened:
-        raise VideoError(f"cannot decode {str(path)!r}: its codec ({fourcc}) is not supported by OpenCV or ffmpeg "
-                         f"here ({complaint}); {REENCODE_HINT}.")
+    stream = _ffmpeg_video_stream(path)
+    if stream is not None:  # the container is fine and names its video codec, but nothing here decodes it
+        raise VideoError(f"cannot decode {str(path)!r}: its video codec ({stream}) is not supported by OpenCV or "
+                         f"ffmpeg here; re-encode it to H.264 with a tool that reads it (a full ffmpeg build: "
+                         f"`ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4`, or the program that made it).")
     raise VideoError(f"cannot read {str(path)!r}: not a video, or corrupt ({complaint}); {REENCODE_HINT}.")
+
+
+def _ffmpeg_video_stream(path: Path) -> str | None:
+    """The video stream's codec as ffmpeg describes it (e.g. "none (QQZZ / 0x5A5A5151)"); None if it finds none."""
+    try:
+        import imageio_ffmpeg
+
+        probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+                               text=True, timeout=60)
+    except (ImportError, OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"Stream #\S+: Video: ([^,\n]+)", probe.stderr)
+    return found.group(1).strip() if found else None
 
 
 def iter_frames(info: VideoInfo, stride: int = 1, max_frames: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -261,80 +273,3 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
-
-
-# ----------------------------------------------------------------------------- overlapping I/O with the GPU
-# Decoding, drawing and encoding run on the CPU while SAM 2 runs on the GPU; both release the GIL for most of
-# their time (OpenCV, numpy, CUDA kernels, the ffmpeg pipe), so two helper threads hide most of the CPU time.
-
-
-def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
-    """Yield `items`, produced by a background thread up to `depth` ahead; errors surface in the caller."""
-    pending: queue.Queue = queue.Queue(maxsize=depth)
-    stop, finished = threading.Event(), object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                pending.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(finished)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(_Failure(error))
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := pending.get()) is not finished:
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-        if hasattr(items, "close"):
-            items.close()  # runs the source's cleanup (e.g. releasing the capture) in this thread
-
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-class OrderedWorker:
-    """Run jobs one after another on one background thread, at most `pending` queued (bounded memory).
-
-    `submit` re-raises a failed job's error; `finish` waits for all; `cancel` drops what has not started.
-    """
-
-    def __init__(self, pending: int = 3):
-        self.pending = pending
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ordered-worker")
-        self.futures: deque[Future] = deque()
-
-    def submit(self, job: Callable[..., Any], *args: Any) -> None:
-        while len(self.futures) >= self.pending:
-            self.futures.popleft().result()
-        self.futures.append(self.executor.submit(job, *args))
-
-    def finish(self) -> None:
-        try:
-            while self.futures:
-                self.futures.popleft().result()
-        finally:
-            self.executor.shutdown(wait=True)
-
-    def cancel(self) -> None:
-        for future in self.futures:
-            future.cancel()
-        self.futures.clear()
-        self.executor.shutdown(wait=True)
