@@ -152,3 +152,30 @@ def target_fields(values: dict[str, float | None], targets: dict[str, float], lo
         return fields | {"target_met": None, "shortfall": None}
     shortfall = {name: round(gap, 6) for name, (met, gap) in results.items() if not met}
     return fields | {"target_met": not shortfall, "shortfall": shortfall}
+
+
+def profile_top_ops(step: Callable[[], Any], device: torch.device, steps: int = 3, rows: int = 12) -> list[dict[str, Any]]:
+    """torch.profiler over `steps` calls of `step` (already warmed up): the ops with the most self time.
+
+    Returns:
+        Up to `rows` dicts {"op", "ms_per_step", "share", "calls_per_step"}, by device time on CUDA, else CPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    averages = profiler.key_averages()
+
+    def self_time(event: Any) -> float:  # microseconds; the CUDA attribute was renamed across torch versions
+        if cuda:
+            return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+        return float(event.self_cpu_time_total)
+
+    total = sum(self_time(event) for event in averages) or 1.0
+    top = sorted(averages, key=self_time, reverse=True)[:rows]
+    return [{"op": event.key, "ms_per_step": round(self_time(event) / 1000 / steps, 3),
+             "share": round(self_time(event) / total, 4), "calls_per_step": round(event.count / steps, 2)} for event in top]

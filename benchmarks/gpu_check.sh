@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS COMMAND...: JSON lines to $results, everything els
   timeout "$limit" "$@" 2> "$out/$name.log" | tee -a "$results" | cut -c1-240
   echo "== $name exit ${PIPESTATUS[0]}"
 }
-step vit_throughput 200 python benchmarks/vit_throughput.py --models seed,fast,best --steps 30
+step vit_throughput 200 python benchmarks/vit_throughput.py --models seed,fast,best --steps 30 --profile
 step time_to_accuracy 230 python benchmarks/time_to_accuracy.py --data gpu_data/cifar --preset fast --target 0.905 --out "$out/tta_fast"
-step seg_speed 200 python benchmarks/seg_speed.py --video-frames 240 2400
+step seg_speed 200 python benchmarks/seg_speed.py --video-frames 240 2400 --profile
 echo "results: $results ($(wc -l < "$results") lines)"

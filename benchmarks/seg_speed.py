@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py when run as a script
-from _common import emit, environment, synchronize, target_fields  # noqa: E402
+from _common import emit, environment, profile_top_ops, synchronize, target_fields  # noqa: E402
 
 from nbhelpers.seg.image import segment_images  # noqa: E402
 from nbhelpers.seg.inference import clipseg_probabilities  # noqa: E402
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="batched image measurement")
     parser.add_argument("--video-frames", type=int, nargs="+", default=None, help="video lengths to measure")
     parser.add_argument("--skip-image", action="store_true", help="only the video measurements")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of the image "
+                        "pipeline (batch 1) and of SAM 2 propagation")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.repeats = args.repeats or (2 if smoke else 20)
@@ -84,6 +86,10 @@ def measure_images(models, args, base: dict) -> None:
                          "stages_ms": {k: round(v * 1000, 2) for k, v in results[0][1].timings.items()}}
         targets = {"ms_per_image": 100.0} if batch_size == 1 else {}
         emit(record | (target_fields(record, targets, ("ms_per_image",), evaluate=base["is_h100"]) if targets else {}))
+    if args.profile:
+        step = lambda: segment_images(images[:1], PROMPT, models, box_threshold=0.0, text_threshold=0.0,  # noqa: E731
+                                      batch_size=1, progress=False, max_detections=5)
+        emit(base | {"measurement": "image_profile", "batch_size": 1, "top_ops": profile_top_ops(step, device)})
 
 
 def measure_clipseg(models, args, base: dict) -> None:
@@ -149,6 +155,10 @@ def measure_propagation(sam_video, args, base: dict) -> None:
     synchronize(sam_video.device)
     emit(base | {"measurement": "video_propagation_only", "frames": len(frames) - 5, "video_hw": [height, width],
                  "frames_per_second": round((len(frames) - 5) / (time.perf_counter() - start), 2)})
+    if args.profile:
+        next_frame = iter(range(len(frames), len(frames) + 1000))
+        step = lambda: (index := next(next_frame), tracker.track(index, frames[index % len(frames)]))  # noqa: E731
+        emit(base | {"measurement": "video_propagation_profile", "top_ops": profile_top_ops(step, sam_video.device)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PEAK_BASIS, emit, environment, peak_flops, positive_int, release_compiled, strict_fp32,  # noqa: E402
-                     target_fields, timed)  # noqa: E402
+from _common import (PEAK_BASIS, emit, environment, peak_flops, positive_int, profile_top_ops,  # noqa: E402
+                     release_compiled, strict_fp32, target_fields, timed)  # noqa: E402
 from nbhelpers.platform import Runtime, select_runtime  # noqa: E402
 from nbhelpers.vit.augment import GpuAugment  # noqa: E402
 from nbhelpers.vit.config import Config, build_config  # noqa: E402
@@ -99,6 +99,7 @@ class Settings:
     steps: int  # timed steps per bare-step path
     loop_images: int  # images in the timed full-loop epoch (rounded down to whole batches)
     smoke: bool
+    profile: bool = False  # add torch.profiler's top ops of the project step to its line
 
 
 def model_config(name: str, settings: Settings, device: torch.device) -> Config:
@@ -172,7 +173,8 @@ def measure_project(state: TrainState, config: Config, runtime: Runtime, setting
     step = bare_step(network, state.optimizer, state.scaler, runtime.autocast, fixed_batch(config, runtime.device))
     seconds = time_steps(step, settings, runtime.device)
     defaults = state.optimizer.defaults
-    return {"precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
+    profile = {"profile": profile_top_ops(step, runtime.device)} if settings.profile else {}
+    return profile | {"precision": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
             "tf32": torch.backends.cuda.matmul.allow_tf32 if runtime.is_cuda else False, "compile": runtime.compile,
             "attention": "scaled_dot_product_attention",
             "optimizer": f"AdamW(foreach={defaults.get('foreach')}, fused={defaults.get('fused')})", "steps": settings.steps,
@@ -289,6 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loop-images", type=positive_int, help="images in the timed full-loop epoch (default 50,000 = one CIFAR-10 epoch)")
     parser.add_argument("--device", help="cuda | cuda:1 | cpu | mps (default: auto)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few steps: checks the script, not speed")
+    parser.add_argument("--profile", action="store_true", help="add the project step's top ops (torch.profiler) to its line")
     args = parser.parse_args(argv)
     args.models = [name.strip().lower() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -305,7 +308,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     steps = args.steps or (2 if args.smoke else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     loop_images = args.loop_images or ((batch or 8) * 3 if args.smoke else 50_000)
-    return Settings(batch, warmup, steps, loop_images, args.smoke)
+    return Settings(batch, warmup, steps, loop_images, args.smoke, args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:

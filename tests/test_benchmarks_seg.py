@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_seg_speed_smoke_reports_every_measurement(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "benchmarks/seg_speed.py", "--smoke", "--models", str(tmp_path / "models")],
+    done = subprocess.run([sys.executable, "benchmarks/seg_speed.py", "--smoke", "--profile", "--models", str(tmp_path / "models")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -30,3 +30,7 @@ def test_seg_speed_smoke_reports_every_measurement(tmp_path: Path) -> None:
     assert long["frames_held_peak"] <= 20, "SAM 2 state is pruned to its memory window"
     assert by_kind["video_memory_growth"][0]["growth"] is None  # no GPU memory to compare on a CPU
     assert by_kind["video_propagation_only"][0]["frames_per_second"] > 0
+    for kind in ("image_profile", "video_propagation_profile"):  # torch.profiler's top ops, by self time
+        ops = by_kind[kind][0]["top_ops"]
+        assert ops and all(op["ms_per_step"] >= 0 and 0 <= op["share"] <= 1 for op in ops)
+        assert [op["ms_per_step"] for op in ops] == sorted((op["ms_per_step"] for op in ops), reverse=True)

@@ -212,3 +212,11 @@ def test_strict_fp32_turns_tf32_off_inside_and_restores_it(common):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_profile_adds_the_project_steps_top_ops() -> None:
+    records = run_smoke("vit_throughput.py", "--models", "fast", "--profile")
+    project = next(r for r in records if r.get("path") == "project")
+    ops = project["profile"]
+    assert ops and any("adam" in op["op"].lower() for op in ops), [op["op"] for op in ops]
+    assert "profile" not in next(r for r in records if r.get("path") == "naive")
