@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -221,16 +222,19 @@ def build_tiny_segmentation_models(root: str | os.PathLike) -> dict[str, Path]:
     Returns:
         {"dino": path, "sam": path, "clipseg": path}; each folder loads with `from_pretrained`.
     """
+    return _build_models(root, {"dino": ("grounding-dino", _save_grounding_dino), "sam": ("sam2", _save_sam2),
+                                "clipseg": ("clipseg", _save_clipseg)})
+
+
+def _build_models(root: str | os.PathLike, builders: dict[str, tuple[str, Callable[[Path], None]]]) -> dict[str, Path]:
+    """{key: root/folder} built by each `save` with the same seed (the same random weights on every build)."""
     import torch
 
-    root = Path(root)
-    builders = {"dino": ("grounding-dino", _save_grounding_dino), "sam": ("sam2", _save_sam2),
-                "clipseg": ("clipseg", _save_clipseg)}
     paths = {}
     for key, (folder_name, save) in builders.items():
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same random weights on every build
-            paths[key] = _save_atomically(root / folder_name, save)
+            torch.manual_seed(0)
+            paths[key] = _save_atomically(Path(root) / folder_name, save)
     return paths
 
 
@@ -275,14 +279,6 @@ def build_real_config_models(root: str | os.PathLike) -> dict[str, Path]:
     Returns:
         {"dino", "sam", "clipseg"} -> folders that load with `from_pretrained` (about 1 GB in all).
     """
-    import torch
-
-    root = Path(root)
-    builders = {"dino": ("grounding-dino-tiny-random", _save_real_grounding_dino),
-                "sam": ("sam2.1-hiera-tiny-random", _save_real_sam2), "clipseg": ("clipseg-rd64-random", _save_real_clipseg)}
-    paths = {}
-    for key, (folder_name, save) in builders.items():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            paths[key] = _save_atomically(root / folder_name, save)
-    return paths
+    return _build_models(root, {"dino": ("grounding-dino-tiny-random", _save_real_grounding_dino),
+                                "sam": ("sam2.1-hiera-tiny-random", _save_real_sam2),
+                                "clipseg": ("clipseg-rd64-random", _save_real_clipseg)})

@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from nbhelpers.seg.image import clipseg_map_to_boxes, per_label_nms
-from nbhelpers.seg.inference import clipseg_probabilities, max_prompt_tokens, run_grounding_dino
+from nbhelpers.seg.image import clipseg_regions, per_label_nms
+from nbhelpers.seg.inference import max_prompt_tokens, run_grounding_dino
 from nbhelpers.seg.inputs import _fit_phrases, normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import SegmentationModels
 
@@ -45,13 +45,10 @@ def text_detector(models: SegmentationModels, prompt: str | Sequence[str], box_t
         found = per_label_nms(found, nms_iou)
         if len(found.boxes):
             return FrameDetections(found.boxes, found.scores, [phrases[i] for i in found.phrase_index], "grounding-dino")
-        boxes, scores, labels = [np.zeros((0, 4), np.float32)], [], []
-        for phrase, probability in zip(phrases, clipseg_probabilities(models.clipseg, image, phrases)):
-            phrase_boxes, regions = clipseg_map_to_boxes(probability, clipseg_threshold)
-            boxes.append(phrase_boxes)
-            scores += [float(probability[region].mean()) for region in regions]
-            labels += [phrase] * len(phrase_boxes)
-        return FrameDetections(np.concatenate(boxes).astype(np.float32), np.asarray(scores, np.float32), labels,
-                               "clipseg-fallback" if labels else "none")
+        regions = clipseg_regions(image, phrases, models.clipseg, clipseg_threshold)
+        if regions is None:
+            return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [], "none")
+        boxes, _, scores, labels = regions
+        return FrameDetections(boxes.astype(np.float32), scores, labels, "clipseg-fallback")
 
     return detect

@@ -116,24 +116,33 @@ def per_label_nms(detections: Detections, iou: float) -> Detections:
     return Detections(detections.boxes[keep], detections.scores[keep], detections.phrase_index[keep])
 
 
-def _fallback(image: Image.Image, phrases: list[str], models: SegmentationModels, embeddings, index: int,
-              settings: _Settings) -> tuple | None:
-    """CLIPSeg regions per phrase, refined by SAM; the coarse region stays where SAM returns an empty mask."""
-    maps = clipseg_probabilities(models.clipseg, image, phrases)  # (P, H, W)
+def clipseg_regions(image: Image.Image, phrases: list[str], clipseg, threshold: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
+    """CLIPSeg's regions for every phrase: (boxes (N, 4), regions (N, H, W) bool, mean probabilities (N,), labels);
+    None when no pixel of any phrase passes `threshold`."""
     boxes, regions, scores, labels = [], [], [], []
-    for phrase, probability_map in zip(phrases, maps):
-        phrase_boxes, phrase_regions = clipseg_map_to_boxes(probability_map, settings.clipseg_threshold)
+    for phrase, probability_map in zip(phrases, clipseg_probabilities(clipseg, image, phrases)):  # (H, W) each
+        phrase_boxes, phrase_regions = clipseg_map_to_boxes(probability_map, threshold)
         boxes.append(phrase_boxes)
         regions.append(phrase_regions)
         scores += [float(probability_map[region].mean()) for region in phrase_regions]
         labels += [phrase] * len(phrase_boxes)
     if not labels:
         return None
-    boxes, regions = np.concatenate(boxes), np.concatenate(regions)
+    return np.concatenate(boxes), np.concatenate(regions), np.asarray(scores, np.float32), labels
+
+
+def _fallback(image: Image.Image, phrases: list[str], models: SegmentationModels, embeddings, index: int,
+              settings: _Settings) -> tuple | None:
+    """CLIPSeg regions per phrase, refined by SAM; the coarse region stays where SAM returns an empty mask."""
+    found = clipseg_regions(image, phrases, models.clipseg, settings.clipseg_threshold)
+    if found is None:
+        return None
+    boxes, regions, scores, labels = found
     masks, mask_scores = sam2_masks_for_boxes(models.sam, embeddings, index, boxes, regions.shape[1:], settings.multimask)
     empty = ~masks.any(axis=(1, 2))
     masks[empty], mask_scores[empty] = regions[empty], np.nan
-    return boxes, np.asarray(scores, np.float32), labels, masks, mask_scores
+    return boxes, scores, labels, masks, mask_scores
 
 
 def _segment_one(image: Image.Image, detections: Detections, phrases: list[str], prompt: str,

@@ -167,7 +167,7 @@ def show_video(result, max_embed_mb: float = 25.0) -> None:
     else:
         print(f"{path} is {size_mb:.0f} MB: too large to embed; download it from the output folder.")
     rows = "".join(f"<tr><td>{t.object_id}</td><td>{escape(t.label)}</td><td>{t.source}</td><td>{t.first_frame}</td>"
-                   f"<td>{t.last_frame}</td><td>{'lost' if t.lost_since is not None or t.last_frame is None else 'visible'}</td></tr>"
+                   f"<td>{t.last_frame}</td><td>{t.state}</td></tr>"
                    for t in result.tracks)
     display(HTML("<table><tr><th>id</th><th>label</th><th>found by</th><th>first frame</th><th>last seen</th>"
                  f"<th>at the end</th></tr>{rows}</table>" if rows else f"<p>{escape(result.message)}</p>"))

@@ -127,9 +127,10 @@ class _VideoRun:
             track.record(frame, masks.get(object_id), self.options.save_masks)
         return result
 
-    def drawing(self, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
+    def drawing(self, frame: int, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
         """What to draw on this frame (a snapshot: the tracks change while a helper thread draws)."""
-        visible = [i for i, mask in enumerate(result.masks) if mask.any()]
+        # `step` recorded this frame already: a track seen on it has it as its last frame.
+        visible = [i for i, object_id in enumerate(result.object_ids) if self.tracks[object_id].last_frame == frame]
         if not visible:
             return None
         ids = [result.object_ids[i] for i in visible]
@@ -170,7 +171,7 @@ def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir
         with tqdm(total=_expected_frames(info, stride, max_frames), desc="video", unit="frame", disable=not progress) as bar:
             for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, stride, max_frames))):
                 result = run.step(frame, frame_rgb)
-                worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(result), result, options.alpha)
+                worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(frame, result), result, options.alpha)
                 frames += 1
                 bar.set_postfix(objects=len(run.tracks), refresh=False)
                 bar.update()

@@ -48,6 +48,11 @@ class Track:
         self.frames.append(entry)
         self.last_frame, self.lost_since = frame, None
 
+    @property
+    def state(self) -> str:
+        """"visible" if its mask was non-empty on the last frame recorded, else "lost"."""
+        return "visible" if self.lost_since is None and self.last_frame is not None else "lost"
+
     def latest_box(self) -> list[int] | None:
         """Box of the most recent frame if the object is visible now, else None."""
         return self.frames[-1]["box_xyxy"] if self.frames and self.lost_since is None else None
@@ -55,7 +60,7 @@ class Track:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.object_id, "label": self.label, "score": round(float(self.score), 4), "source": self.source,
                 "first_frame": self.first_frame, "last_frame": self.last_frame, "lost_since": self.lost_since,
-                "state": "visible" if self.lost_since is None and self.last_frame is not None else "lost",
+                "state": self.state,
                 "frames": self.frames}
 
 
