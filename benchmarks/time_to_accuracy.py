@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import shutil
 import statistics
@@ -83,7 +84,7 @@ def share_cache(source_dir: Path, target_dir: Path) -> None:
 
 def warm_up(config: Config, warm_dir: Path) -> dict[str, Any]:
     """One epoch of the same config in its own folder: compiles the model and fills the inductor cache."""
-    warm = Config.from_dict(config.to_dict())
+    warm = copy.deepcopy(config)
     warm.train.out_dir, warm.train.stop_after_epochs = str(warm_dir), 1
     runtime = select_runtime(warm.train.device, warm.train.precision, warm.train.compile, verbose=False)
     start = time.perf_counter()

@@ -47,7 +47,8 @@ from nbhelpers.vit.augment import GpuAugment  # noqa: E402
 from nbhelpers.vit.config import Config, build_config  # noqa: E402
 from nbhelpers.vit.model import Attention, VisionTransformer  # noqa: E402
 from nbhelpers.vit.report import count_parameters, flops_per_image  # noqa: E402
-from nbhelpers.vit.train import TrainState, build_state, make_train_step, train_one_epoch  # noqa: E402
+from nbhelpers.vit.state import TrainState  # noqa: E402
+from nbhelpers.vit.train import build_state, make_train_step, train_one_epoch  # noqa: E402
 
 MODELS = ("seed", "fast", "best")
 SEED_TARGETS = {"mfu": 0.40, "images_per_second": 17_500.0}

@@ -97,13 +97,14 @@ def test_train_flops_match_the_analytic_count(throughput):
 # ----------------------------------------------------------------------------- shared helpers
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", None), ("NVIDIA H200", 989e12),
-    ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None), ("Tesla T4", 65e12),
-    ("Tesla V100-SXM2-16GB", 125e12), ("Tesla P100-PCIE-16GB", 18.7e12), ("cpu (2 threads)", None),
-])
-def test_peak_flops_table(common, name, peak):
-    assert common.peak_flops(name) == peak
+def test_peak_flops_picks_the_most_specific_gpu_entry(common):
+    # The H100 PCIe and NVL parts share "H100" with the SXM part but have other peaks; MFU must not use the wrong one.
+    sxm, pcie = common.peak_flops("NVIDIA H100 80GB HBM3"), common.peak_flops("NVIDIA H100 PCIe")
+    assert sxm and pcie and pcie < sxm
+    assert common.peak_flops("NVIDIA H100 NVL") != sxm
+    assert common.peak_flops("NVIDIA H200") == sxm  # same compute die as the SXM H100
+    assert common.peak_flops("NVIDIA L40S") is None  # "L4" must match as a word only
+    assert common.peak_flops("cpu (2 threads)") is None and common.peak_flops("Some Future GPU") is None
 
 
 def test_target_fields_report_shortfall_only_where_missed(common):

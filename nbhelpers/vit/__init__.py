@@ -1,1 +1,7 @@
-"""Vision Transformer from scratch on CIFAR-10: config, model, data, GPU augmentation, training, report."""
+"""Vision Transformer from scratch on CIFAR-10, resumable on any device.
+
+Modules, in import order (each imports only those before it): `config` (dataclasses + named presets) ->
+`model`, `augment` (batched GPU augmentation), `data` (finding, decoding and caching CIFAR-10) -> `state`
+(EMA, the loop's state, RNG state, FitResult) -> `checkpoint`, `evaluate` -> `report` -> `train` (`fit`) ->
+`__main__` (CLI).
+"""

@@ -6,21 +6,16 @@ session that dies mid-write leaves the previous good file intact.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from nbhelpers.platform import atomic_write
-
-if TYPE_CHECKING:
-    from nbhelpers.vit.config import Config
-    from nbhelpers.vit.train import TrainState
+from nbhelpers.vit.config import Config
+from nbhelpers.vit.state import TrainState
 
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it: they change
 # where and how fast we run, not what is trained.
@@ -50,25 +45,6 @@ def link_or_copy(source: Path, target: Path) -> None:
         temp.unlink(missing_ok=True)
         with open(source, "rb") as original:  # streamed: checkpoints can be hundreds of MB
             atomic_write(target, lambda file: shutil.copyfileobj(original, file))
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the training loop draws from (augmentation runs on the device's generator)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # the current device only: resuming on a machine with another GPU count works
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and isinstance(state["cuda"], torch.Tensor):
-        torch.cuda.set_rng_state(state["cuda"])
-    elif torch.cuda.is_available():
-        warnings.warn("The checkpoint holds no CUDA RNG state (it was written on another device): augmentation "
-                      "after the resume will not replay the interrupted run exactly.", stacklevel=2)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -128,7 +104,7 @@ def adopt_checkpoint(source: Path, last: Path) -> None:
     print(f"RESUME_FROM: continuing {found[0]} (copied to {last}).")
 
 
-def restore_or_start(state: "TrainState", config: "Config", out_dir: Path) -> None:
+def restore_or_start(state: TrainState, config: Config, out_dir: Path) -> None:
     """Resume from last.pt when allowed; FRESH moves old checkpoints aside instead of deleting them."""
     last = out_dir / "last.pt"
     if config.train.fresh:
@@ -149,11 +125,11 @@ def restore_or_start(state: "TrainState", config: "Config", out_dir: Path) -> No
     print(f"Resumed from {last} at step {state.step} (epoch {len(state.history)}).")
 
 
-def save_last(state: "TrainState", config: "Config", out_dir: Path) -> None:
+def save_last(state: TrainState, config: Config, out_dir: Path) -> None:
     atomic_torch_save(state.payload(config), out_dir / "last.pt")
 
 
-def save_best(state: "TrainState", config: "Config", out_dir: Path, epoch: int) -> None:
+def save_best(state: TrainState, config: Config, out_dir: Path, epoch: int) -> None:
     """best.pt holds the same full state as last.pt, plus which epoch it is and its validation accuracy."""
     payload = state.payload(config) | {"epoch": epoch, "val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None}
     atomic_torch_save(payload, out_dir / "best.pt")

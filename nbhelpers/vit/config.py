@@ -89,12 +89,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        train = dict(data["train"])
-        train["betas"] = tuple(train["betas"])
-        return cls(ModelConfig(**data["model"]), AugmentConfig(**data["augment"]), TrainConfig(**train), data.get("preset", "custom"))
-
 
 # ----------------------------------------------------------------------------- presets
 

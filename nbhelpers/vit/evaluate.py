@@ -13,6 +13,7 @@ from nbhelpers.platform import Runtime
 from nbhelpers.vit.augment import normalize
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits
+from nbhelpers.vit.state import TrainState
 
 
 @dataclass
@@ -40,7 +41,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     return Evaluation(accuracy, loss_sum.item() / len(images), predicted.cpu().numpy())
 
 
-def evaluate_epoch(state, tensors: dict[str, torch.Tensor], runtime: Runtime, config: Config) -> dict[str, float]:
+def evaluate_epoch(state: TrainState, tensors: dict[str, torch.Tensor], runtime: Runtime, config: Config) -> dict[str, float]:
     """Per-epoch test (and validation) accuracy of the raw and EMA weights, no TTA."""
     metrics: dict[str, float] = {}
     splits = [("test", "test")] + ([("val", "val")] if len(tensors["val_labels"]) else [])

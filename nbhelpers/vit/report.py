@@ -16,7 +16,9 @@ import torch
 from nbhelpers.platform import Runtime, atomic_write
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits
+from nbhelpers.vit.augment import normalize
 from nbhelpers.vit.evaluate import evaluate
+from nbhelpers.vit.state import FitResult, TrainState
 
 # ----------------------------------------------------------------------------- measurements
 
@@ -64,7 +66,7 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
 # ----------------------------------------------------------------------------- summary
 
 
-def build_summary(state, config: Config, runtime: Runtime, data: DataSplits, final: dict[str, Any], final_predictions: np.ndarray) -> dict[str, Any]:
+def build_summary(state: TrainState, config: Config, runtime: Runtime, data: DataSplits, final: dict[str, Any], final_predictions: np.ndarray) -> dict[str, Any]:
     """Everything a reader needs to trust (or reproduce) the result, as plain JSON types."""
     num_classes = config.model.num_classes
     matrix = confusion_matrix(data.test_labels, final_predictions, num_classes)
@@ -90,10 +92,8 @@ def build_summary(state, config: Config, runtime: Runtime, data: DataSplits, fin
     }
 
 
-def finish(state, config: Config, runtime: Runtime, data: DataSplits, tensors: dict[str, torch.Tensor], out_dir: Path):
+def finish(state: TrainState, config: Config, runtime: Runtime, data: DataSplits, tensors: dict[str, torch.Tensor], out_dir: Path) -> FitResult:
     """Final test evaluation (raw, EMA, flip TTA), run_summary.json and plots; returns the FitResult."""
-    from nbhelpers.vit.train import FitResult
-
     images, labels, batch = tensors["test_images"], tensors["test_labels"], config.train.eval_batch_size
     last = state.history[-1]  # raw and EMA test accuracy of the final weights were measured at the last epoch
     final_model = state.ema.module if state.ema is not None else state.model
@@ -117,7 +117,7 @@ def finish(state, config: Config, runtime: Runtime, data: DataSplits, tensors: d
 # ----------------------------------------------------------------------------- plots
 
 
-def _finished(result) -> bool:
+def _finished(result: FitResult) -> bool:
     if result.status != "finished":
         print(f"Training stopped early at step {result.step}; run again with the same OUT_DIR to finish, then the plots are drawn.")
         return False
@@ -140,7 +140,7 @@ def _finish_figure(figure, path: Path, show: bool):
     return path
 
 
-def plot_curves(result, show: bool = True) -> Path | None:
+def plot_curves(result: FitResult, show: bool = True) -> Path | None:
     """Loss, accuracy (train / test / EMA / val) and learning rate per epoch."""
     if not _finished(result):
         return None
@@ -164,7 +164,7 @@ def plot_curves(result, show: bool = True) -> Path | None:
     return _finish_figure(figure, result.out_dir / "curves.png", show)
 
 
-def plot_confusion(result, show: bool = True) -> Path | None:
+def plot_confusion(result: FitResult, show: bool = True) -> Path | None:
     """Confusion matrix of the reported model on the test set, row-normalised."""
     if not _finished(result):
         return None
@@ -185,7 +185,7 @@ def plot_confusion(result, show: bool = True) -> Path | None:
     return _finish_figure(figure, result.out_dir / "confusion.png", show)
 
 
-def plot_misclassified(result, count: int = 24, show: bool = True) -> Path | None:
+def plot_misclassified(result: FitResult, count: int = 24, show: bool = True) -> Path | None:
     """A grid of test images the reported model got wrong, with true and predicted labels."""
     if not _finished(result):
         return None
@@ -207,12 +207,11 @@ def plot_misclassified(result, count: int = 24, show: bool = True) -> Path | Non
     return _finish_figure(figure, result.out_dir / "misclassified.png", show)
 
 
-def plot_attention(result, count: int = 6, show: bool = True) -> Path | None:
+def plot_attention(result: FitResult, count: int = 6, show: bool = True) -> Path | None:
     """Last-layer attention of the pooled output over the token grid, on a few test images."""
     if not _finished(result):
         return None
     import matplotlib.pyplot as plt
-    from nbhelpers.vit.augment import normalize
 
     model, data = result.model, result.data
     device = next(model.parameters()).device
@@ -241,7 +240,7 @@ def plot_attention(result, count: int = 6, show: bool = True) -> Path | None:
 PLOTS = {"curves": plot_curves, "confusion": plot_confusion, "misclassified": plot_misclassified, "attention": plot_attention}
 
 
-def show_plot(result, name: str) -> None:
+def show_plot(result: FitResult, name: str) -> None:
     """Show `<name>.png` that `fit` saved in OUT_DIR (drawn now if it was not saved); name is a key of PLOTS."""
     from IPython.display import Image, display
 
@@ -254,12 +253,12 @@ def show_plot(result, name: str) -> None:
     display(Image(filename=str(path)))
 
 
-def save_all_plots(result, show: bool = False) -> list[Path]:
+def save_all_plots(result: FitResult, show: bool = False) -> list[Path]:
     """Write curves.png, confusion.png, misclassified.png and attention.png to the run's folder."""
     return [plot_curves(result, show=show), plot_confusion(result, show=show), plot_misclassified(result, show=show), plot_attention(result, show=show)]
 
 
-def results_table(result) -> str:
+def results_table(result: FitResult) -> str:
     """Markdown table: this run's final accuracy beside the seed write-up's best-epoch figure."""
     if not _finished(result):
         return "*(training not finished yet)*"

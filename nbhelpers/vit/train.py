@@ -5,27 +5,24 @@ and at epoch ends (evaluation, checkpoint).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from nbhelpers.platform import Runtime, ensure_writable_dir, resolve_paths, select_runtime
-from nbhelpers.vit import checkpoint as ckpt
-from nbhelpers.vit.checkpoint import restore_or_start, save_best, save_last
+from nbhelpers.vit import report
 from nbhelpers.vit.augment import GpuAugment
+from nbhelpers.vit.checkpoint import link_or_copy, restore_or_start, save_best, save_last
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits, load_data
 from nbhelpers.vit.evaluate import evaluate_epoch, format_epoch, to_device
 from nbhelpers.vit.model import VisionTransformer
+from nbhelpers.vit.state import FitResult, ModelEma, TrainState
 
 # ----------------------------------------------------------------------------- schedule + EMA
 
@@ -45,23 +42,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-class ModelEma(nn.Module):
-    """Exponential moving average of a model's weights, updated on the device without host syncs."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__()
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        if self._pairs is None:  # built once: load_state_dict copies in place, so these tensors stay the live ones
-            pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values()) if e.dtype.is_floating_point]
-            self._pairs = ([e for e, _ in pairs], [m for _, m in pairs])
-        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1.0 - self.decay)
-
-
 def build_optimizer(model: VisionTransformer, config: Config, runtime: Runtime) -> torch.optim.AdamW:
     """AdamW with no weight decay on norms, biases, positions and tokens; fused on CUDA."""
     skip = model.no_weight_decay()
@@ -70,50 +50,6 @@ def build_optimizer(model: VisionTransformer, config: Config, runtime: Runtime) 
     train = config.train
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, fused=runtime.is_cuda)
-
-
-# ----------------------------------------------------------------------------- state
-
-
-@dataclass
-class TrainState:
-    """Everything the loop mutates; saved whole in last.pt."""
-
-    model: VisionTransformer
-    ema: ModelEma | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_val_accuracy: float = -1.0
-    train_seconds: float = 0.0  # time in training steps, summed over sessions
-    wall_seconds: float = 0.0  # wall-clock time of training + per-epoch evaluation, summed over sessions
-
-    def payload(self, config: Config) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "step": self.step,
-            "history": self.history, "best_val_accuracy": self.best_val_accuracy,
-            "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds, "config": config.to_dict(),
-        }
-
-    def load(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
-        if self.ema is not None and payload.get("ema") is not None:
-            self.ema.module.load_state_dict(payload["ema"])
-        fused = [group.get("fused") for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(payload["optimizer"])
-        for group, flag in zip(self.optimizer.param_groups, fused):  # this machine decides (CPU run resumed on CUDA)
-            group["fused"] = flag
-        self.scheduler.load_state_dict(payload["scheduler"])
-        if payload["scaler"]:  # empty when written under bf16/fp32; resuming as fp16 then starts a fresh scale
-            self.scaler.load_state_dict(payload["scaler"])
-        ckpt.restore_rng_state(payload["rng"])
-        self.step, self.history = payload["step"], payload["history"]
-        self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
-        self.wall_seconds = payload.get("wall_seconds", 0.0)
 
 
 def build_state(config: Config, runtime: Runtime, steps_per_epoch: int) -> TrainState:
@@ -130,21 +66,6 @@ def build_state(config: Config, runtime: Runtime, steps_per_epoch: int) -> Train
 
 
 # ----------------------------------------------------------------------------- training loop
-
-
-@dataclass
-class FitResult:
-    """What `fit` hands to the report and the notebook."""
-
-    config: Config
-    out_dir: Path
-    status: str  # "finished" | "stopped" (stop_after_epochs reached)
-    step: int  # optimizer steps taken in total (across resumes)
-    history: list[dict[str, Any]]
-    summary: dict[str, Any]  # run_summary.json content ({} when stopped early)
-    model: VisionTransformer | None = None  # the weights the final accuracy was measured with (EMA if on)
-    data: DataSplits | None = None
-    final_predictions: np.ndarray | None = None  # (N_test,) predictions of `model` (with TTA if on)
 
 
 def check_batch_size(config: Config, data: DataSplits) -> None:
@@ -274,8 +195,6 @@ def fit(config: Config) -> FitResult:
     Returns:
         FitResult; `summary` is what run_summary.json holds once training finished.
     """
-    from nbhelpers.vit import report
-
     paths = resolve_paths("q1_vit", config.train.data_root, config.train.out_dir)
     out_dir = ensure_writable_dir(paths.out_dir, "OUT_DIR")
     runtime = select_runtime(config.train.device, config.train.precision, config.train.compile)
@@ -289,7 +208,7 @@ def fit(config: Config) -> FitResult:
     if not run_epochs(state, config, runtime, tensors, out_dir):
         return FitResult(config, out_dir, "stopped", state.step, state.history, {})
     if len(data.val_labels) == 0:  # no validation split: best.pt is the final state, the same bytes as last.pt
-        ckpt.link_or_copy(out_dir / "last.pt", out_dir / "best.pt")
+        link_or_copy(out_dir / "last.pt", out_dir / "best.pt")
     elif not (out_dir / "best.pt").exists():
         save_best(state, config, out_dir, len(state.history))
     return report.finish(state, config, runtime, data, tensors, out_dir)

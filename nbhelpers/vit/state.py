@@ -1,0 +1,120 @@
+"""What a training run carries and saves: the EMA of the weights, the loop's mutable state, RNG state, the result.
+
+Model-independent of the loop itself: checkpoint, evaluate and report read these types, and train builds them.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nbhelpers.vit.config import Config
+from nbhelpers.vit.data import DataSplits
+from nbhelpers.vit.model import VisionTransformer
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class ModelEma(nn.Module):
+    """Exponential moving average of a model's weights, updated on the device without host syncs."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self._pairs is None:  # built once: load_state_dict copies in place, so these tensors stay the live ones
+            pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values()) if e.dtype.is_floating_point]
+            self._pairs = ([e for e, _ in pairs], [m for _, m in pairs])
+        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1.0 - self.decay)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from (augmentation runs on the device's generator)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # the current device only: resuming on a machine with another GPU count works
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and isinstance(state["cuda"], torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"])
+    elif torch.cuda.is_available():
+        warnings.warn("The checkpoint holds no CUDA RNG state (it was written on another device): augmentation "
+                      "after the resume will not replay the interrupted run exactly.", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- loop state + result
+
+
+@dataclass
+class TrainState:
+    """Everything the loop mutates; saved whole in last.pt."""
+
+    model: VisionTransformer
+    ema: ModelEma | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_accuracy: float = -1.0
+    train_seconds: float = 0.0  # time in training steps, summed over sessions
+    wall_seconds: float = 0.0  # wall-clock time of training + per-epoch evaluation, summed over sessions
+
+    def payload(self, config: Config) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(), "step": self.step,
+            "history": self.history, "best_val_accuracy": self.best_val_accuracy,
+            "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds, "config": config.to_dict(),
+        }
+
+    def load(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.module.load_state_dict(payload["ema"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(payload["optimizer"])
+        for group, flag in zip(self.optimizer.param_groups, fused):  # this machine decides (CPU run resumed on CUDA)
+            group["fused"] = flag
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if payload["scaler"]:  # empty when written under bf16/fp32; resuming as fp16 then starts a fresh scale
+            self.scaler.load_state_dict(payload["scaler"])
+        restore_rng_state(payload["rng"])
+        self.step, self.history = payload["step"], payload["history"]
+        self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
+        self.wall_seconds = payload.get("wall_seconds", 0.0)
+
+
+@dataclass
+class FitResult:
+    """What `fit` hands to the report and the notebook."""
+
+    config: Config
+    out_dir: Path
+    status: str  # "finished" | "stopped" (stop_after_epochs reached)
+    step: int  # optimizer steps taken in total (across resumes)
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]  # run_summary.json content ({} when stopped early)
+    model: VisionTransformer | None = None  # the weights the final accuracy was measured with (EMA if on)
+    data: DataSplits | None = None
+    final_predictions: np.ndarray | None = None  # (N_test,) predictions of `model` (with TTA if on)
