@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,14 @@ def test_seg_speed_smoke_reports_every_measurement(tmp_path: Path) -> None:
         ops = by_kind[kind][0]["top_ops"]
         assert ops and all(op["ms_per_step"] >= 0 and 0 <= op["share"] <= 1 for op in ops)
         assert [op["ms_per_step"] for op in ops] == sorted((op["ms_per_step"] for op in ops), reverse=True)
+
+
+def test_ui_speed_smoke_reports_a_click(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "benchmarks/ui_speed.py", "--smoke"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert (record["width"], record["height"]) == (600, 400) and record["saved"]
+    assert 0 < record["model_s"] < record["click_s"] <= record["saved_s"]
+    assert record["target_s"] == pytest.approx(3 * record["model_s"] + 2, abs=0.01)

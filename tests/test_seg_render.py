@@ -11,7 +11,7 @@ import pytest
 
 from nbhelpers.seg.image import Segmentation
 from nbhelpers.seg.render import (
-    PALETTE, colorize_instances, instance_color, instance_map, overlay, show, summary_line, union_mask,
+    PALETTE, colorize_instances, fit_for_display, instance_color, instance_map, overlay, show, summary_line, union_mask,
 )
 
 
@@ -187,3 +187,16 @@ def test_summary_line_mentions_count_source_and_message() -> None:
     assert "nothing found" in summary_line(Segmentation.empty((5, 5), "cat.", "nothing found"))
     seg.timings = {"detect": 1.0, "segment": 2.0, "total": 3.0}  # a recorded total is not added twice
     assert "in 3.00s" in summary_line(seg)
+
+
+def test_fit_for_display_scales_image_masks_and_boxes_together() -> None:
+    image = noise_image(400, 600)
+    seg = make_seg(np.stack([rect_mask(400, 600, 100, 200, 300, 400), np.zeros((400, 600), bool)]))
+    small, small_seg = fit_for_display(image, seg, max_side=150)
+    assert small.shape == (100, 150, 3) and small_seg.masks.shape == (2, 100, 150) and small_seg.image_size == (100, 150)
+    assert small_seg.masks[0].sum() == 50 * 50 and small_seg.masks[0][25:75, 50:100].all() and not small_seg.masks[1].any()
+    assert np.allclose(small_seg.boxes[0], np.asarray(seg.boxes[0]) / 4)
+    assert small_seg.labels == seg.labels and seg.masks.shape == (2, 400, 600)  # the original is untouched
+    overlay(small, small_seg)  # consistent: drawable as is
+    same, same_seg = fit_for_display(image, seg, max_side=600)
+    assert same is image and same_seg is seg  # already small enough

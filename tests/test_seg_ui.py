@@ -29,7 +29,9 @@ import nbhelpers.seg.image as image_module
 from nbhelpers.seg import models as seg_models
 from nbhelpers.seg import pipeline
 from nbhelpers.seg.render import overlay
+from nbhelpers.seg import ui as ui_module
 from nbhelpers.seg.ui import DEFAULTS, SAM_CHECKPOINTS, build_ui, launch_ui, noninteractive_reason, run_once
+from nbhelpers.seg.ui_inputs import UPLOAD_LIMIT_BYTES, clean_path, upload_guard_script
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK = {"box_threshold": 1.0, "clipseg_threshold": 0.0}  # deterministic: one whole-image region per phrase
@@ -160,9 +162,10 @@ def test_click_shows_figure_saves_real_metadata_and_reuses_models(loader, pictur
     defaults = {"prompt": "cat.", "image_path": str(picture[0]), "sam_size": "tiny", "nms_iou": 0.4, **FALLBACK}
     ui = build_ui(loader, defaults=defaults, out_dir=tmp_path / "out")
     ui.button.click()
+    ui.wait_saved(60)
     images, stdout, stderr = _outputs(ui)
     assert len(images) == 1 and images[0].startswith(b"\x89PNG") and stderr == ""
-    assert "1 instance(s) for 'cat.' via clipseg-fallback" in stdout and "saved" in stdout
+    assert "my photo.png: 1 instance(s) for 'cat.' via clipseg-fallback" in stdout and "saved" in stdout
     saved = json.loads((tmp_path / "out" / "my_photo" / "detections.json").read_text())
     assert saved["image"]["source_file"] == "my photo.png" and len(saved["detections"]) == 1
     # the models really loaded (local folders here), not the hub id the dropdown entry stands for
@@ -172,6 +175,7 @@ def test_click_shows_figure_saves_real_metadata_and_reuses_models(loader, pictur
     assert saved["thresholds"] == {"box_threshold": 1.0, "text_threshold": 0.25, "clipseg_threshold": 0.0,
                                    "nms_iou": 0.4, "multimask": False}
     ui.button.click()  # re-run: output replaced, not appended; models not reloaded
+    ui.wait_saved(60)
     assert len(_outputs(ui)[0]) == 1 and loader.loaded == ["facebook/sam2.1-hiera-tiny"]
     assert saved["models"]["sam_model"] in _cached_sams()
 
@@ -184,6 +188,7 @@ def test_switching_sam_size_keeps_only_the_latest_sam_cached(loader, picture, sm
     assert other_sam in _cached_sams()  # a first click releases nothing: other SAMs may still be cached
     ui.sam_size.value = "tiny"
     ui.button.click()  # switching drops the other SAM from the models cache (its memory can go)
+    ui.wait_saved(60)
     assert loader.loaded == ["facebook/sam2.1-hiera-small", "facebook/sam2.1-hiera-tiny"]
     assert _cached_sams() == [tiny_sam] and _outputs(ui)[2] == ""
     detectors = [key[1] for key in seg_models._CACHE if key[0] == "grounding-dino"]
@@ -199,6 +204,7 @@ def test_failed_save_still_shows_the_result(loader, picture, tmp_path: Path) -> 
     blocker.write_text("")
     ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0]), **FALLBACK}, out_dir=blocker)
     ui.button.click()
+    ui.wait_saved(60)
     images, stdout, _ = _outputs(ui)
     assert len(images) == 1 and "not saved: PermissionError" in stdout and "writable folder" in stdout
 
@@ -228,14 +234,15 @@ def test_broken_upload_names_the_file(loader, segment_calls) -> None:
     _upload(ui, "holiday.png", b"\x89PNG not really")
     ui.button.click()
     stderr = _outputs(ui)[2]
-    assert stderr.startswith("Could not segment: ValueError: holiday.png is not an image") and segment_calls == []
+    assert stderr.startswith("Could not segment: holiday.png could not be read as an image") and segment_calls == []
+    assert "BytesIO" not in stderr and "upload a complete JPEG" in stderr
 
 
 def test_click_errors_become_one_message(loader, segment_calls, tmp_path: Path) -> None:
     ui = build_ui(loader, defaults={"prompt": "cat."})
     ui.button.click()
     images, stdout, stderr = _outputs(ui)
-    assert images == [] and stderr.startswith("Could not segment: ValueError: No image")
+    assert images == [] and stderr.startswith("Could not segment: No image: upload one or type its path")
     assert "Traceback" not in stderr and not ui.button.disabled
     ui.path.value = str(tmp_path / "missing.jpg")
     ui.button.click()
@@ -257,12 +264,129 @@ def test_pipeline_launch_ui_passes_the_configuration(tiny_seg_model_dirs, segmen
                                     multimask=True, device="cpu", **FALLBACK)
     ui = pipeline.launch_ui(config)
     ui.button.click()
+    ui.wait_saved(60)
     assert _outputs(ui)[2] == ""
     (call,) = segment_calls
     assert (call["nms_iou"], call["multimask"]) == (0.3, True)
     saved = json.loads((tmp_path / "ui" / "my_photo" / "detections.json").read_text())
     assert saved["models"]["sam_model"] == str(dirs["sam"].resolve())  # the configured local folder, not a hub id
     assert (saved["thresholds"]["nms_iou"], saved["thresholds"]["multimask"]) == (0.3, True)
+
+
+# ----------------------------------------------------------------------------- image source, paths, controls
+
+
+def _png_bytes(height: int, width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 200, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_latest_action_picks_the_image_and_the_source_line_names_it(loader, segment_calls, picture, tmp_path) -> None:
+    path, rgb = picture
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(path), **FALLBACK})
+    assert "my photo.png: 80 x 60 px" in ui.source.value and ui.clear_upload.disabled
+    _upload(ui, "up.png", _png_bytes(30, 40))
+    assert "uploaded up.png: 40 x 30 px" in ui.source.value and not ui.clear_upload.disabled
+    ui.button.click()
+    assert segment_calls[-1]["image"].shape == (30, 40, 3)  # the upload, as shown
+    ui.path.value = str(path) + " "  # editing the path afterwards: the path wins, the upload is dropped
+    assert ui.upload.value == () and "my photo.png: 80 x 60 px" in ui.source.value
+    ui.button.click()
+    assert np.array_equal(segment_calls[-1]["image"], rgb)
+    _upload(ui, "up.png", _png_bytes(30, 40))  # the same file again is a new action
+    assert "uploaded up.png" in ui.source.value
+    ui.clear_upload.click()
+    assert ui.upload.value == () and "my photo.png" in ui.source.value and ui.clear_upload.disabled
+    ui.button.click()
+    assert np.array_equal(segment_calls[-1]["image"], rgb) and len(segment_calls) == 3
+
+
+def test_quoted_and_file_url_paths_are_accepted(loader, segment_calls, picture) -> None:
+    path, rgb = picture
+    url = path.resolve().as_uri()  # file:///.../my%20photo.png
+    for typed in (f'"{path}"', f"'{path}'", url, f"  {url}  "):
+        assert clean_path(typed) == str(path), typed
+        ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": typed, **FALLBACK})
+        ui.button.click()
+        assert _outputs(ui)[2] == "" and np.array_equal(segment_calls[-1]["image"], rgb)
+
+
+def test_path_errors_speak_to_the_user(loader, picture, tmp_path: Path) -> None:
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0].parent)})
+    assert "is a folder: type the path of one image in it, e.g." in ui.source.value
+    ui.button.click()
+    stderr = _outputs(ui)[2]
+    assert "is a folder" in stderr and "my photo.png" in stderr and "segment_images" not in stderr
+    ui.path.value = str(tmp_path / "nope.jpg")
+    assert "No file at" in ui.source.value
+    ui.button.click()
+    assert _outputs(ui)[2].startswith(f"Could not segment: No file at {tmp_path / 'nope.jpg'}: check the spelling")
+
+
+def _press_enter(ui) -> None:
+    # What the browser sends when Enter is pressed in a Text widget (a custom "submit" message).
+    ui.prompt._handle_msg({"content": {"data": {"method": "custom", "content": {"event": "submit"}}}, "buffers": []})
+
+
+def test_enter_runs_and_a_double_click_runs_once(loader, segment_calls, picture, monkeypatch) -> None:
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0]), **FALLBACK})
+    _press_enter(ui)
+    assert len(segment_calls) == 1 and ui.runs == 1
+    # No kernel runs inside pytest: the browser's send times of each press (message header dates) are given here.
+    sent = iter([1000.0, 1000.2, 1003.0])
+    monkeypatch.setattr(ui_module, "_sent_at", lambda: next(sent))
+    ui.button.click()
+    ui.button.click()  # sent 0.2 s after the first: the second half of a double-click
+    assert len(segment_calls) == 2 and ui.runs == 2
+    ui.button.click()  # a later press runs again
+    assert len(segment_calls) == 3 and ui.runs == 3
+
+
+def test_status_line_mentions_loading_only_when_models_load(loader, picture, monkeypatch) -> None:
+    shown: list[str] = []
+    real_show = ui_module._show
+    monkeypatch.setattr(ui_module, "_show", lambda output, png=None, text="", stream="stdout": (
+        shown.append(text), real_show(output, png, text, stream)))
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(picture[0]), **FALLBACK})
+    ui.button.click()
+    assert shown[0].startswith("Loading the models and segmenting")
+    shown.clear()
+    ui.button.click()
+    assert shown[0] == "Segmenting..."
+
+
+def test_every_control_explains_itself_and_rows_wrap(loader) -> None:
+    ui = build_ui(loader)
+    controls = [ui.upload, ui.clear_upload, ui.path, ui.prompt, ui.box_threshold, ui.text_threshold,
+                ui.clipseg_threshold, ui.sam_size, ui.button]
+    assert all(isinstance(control.tooltip, str) and len(control.tooltip) > 20 for control in controls)
+    rows = [child for child in ui.container.children if isinstance(child, widgets.HBox)]
+    assert len(rows) == 4 and all(row.layout.flex_flow == "row wrap" for row in rows)
+    assert all(slider.layout.min_width for slider in (ui.box_threshold, ui.text_threshold, ui.clipseg_threshold))
+    assert ui.upload.layout.width == "auto"  # the label, with its file count, is not cut
+
+
+def test_big_image_is_shown_small_and_saved_full_size(loader, tmp_path: Path, monkeypatch) -> None:
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), np.full((300, 500, 3), 90, np.uint8))
+    monkeypatch.setattr(ui_module, "DISPLAY_MAX_SIDE", 100)
+    drawn = []
+    real_overlay = ui_module.__dict__.get("overlay")
+    from nbhelpers.seg import render
+
+    monkeypatch.setattr(render, "overlay", lambda image, seg, **kw: drawn.append(image.shape) or overlay(image, seg, **kw))
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": str(big), **FALLBACK}, out_dir=tmp_path / "out")
+    ui.button.click()
+    ui.wait_saved(60)
+    assert drawn[0] == (60, 100, 3) and real_overlay is None  # the on-screen figure is drawn at display size
+    assert cv2.imread(str(tmp_path / "out" / "big" / "overlay.png")).shape == (300, 500, 3)  # the file is not
+
+
+def test_upload_guard_script_carries_the_limit_and_the_fix() -> None:
+    script = upload_guard_script("nbh-upload", "nbh-upload-note")
+    assert str(UPLOAD_LIMIT_BYTES) in script and "websocket_max_message_size" in script
+    assert "stopImmediatePropagation" in script and UPLOAD_LIMIT_BYTES < 10 * 2**20
 
 
 # ----------------------------------------------------------------------------- non-interactive rule
@@ -292,7 +416,8 @@ def test_kernel_rule_uses_allow_stdin(loader, monkeypatch: pytest.MonkeyPatch) -
     shown = []
     monkeypatch.setattr(IPython.display, "display", shown.append)
     ui = launch_ui(loader)
-    assert ui is not None and shown == [ui.container] and loader.loaded == []  # models load on the first click
+    assert ui is not None and shown[0] is ui.container and loader.loaded == []  # models load on the first click
+    assert len(shown) == 2 and "nbhUploadGuard" in shown[1].data  # the browser-side upload size check
 
 
 def test_papermill_run_prints_the_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

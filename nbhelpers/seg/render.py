@@ -1,10 +1,12 @@
 """Draw a Segmentation on its image: translucent masks, contours, boxes and labels (OpenCV), plus label maps.
 
-Everything here works on RGB uint8 arrays at the original resolution. matplotlib is used only by
+Everything here works on RGB uint8 arrays at the original resolution (`fit_for_display` shrinks an image and its
+segmentation for on-screen figures). matplotlib is used only by
 `show` / `show_overlay`, which build a figure for inline display and never call plt.show().
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
@@ -134,6 +136,41 @@ def _draw_caption(
     cv2.putText(canvas, text, origin, font, font_scale, text_color, thickness, cv2.LINE_AA)
 
 
+def _blend_mask(canvas: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], alpha: float, thickness: int) -> None:
+    """Tint `mask`'s pixels of `canvas` toward `color` and outline it, in place, working only inside its bounding
+    box with OpenCV's vectorised ops (on a 6000x4000 photo, boolean fancy indexing took seconds per mask)."""
+    mask_u8 = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    points = cv2.findNonZero(mask_u8)
+    if points is None:
+        return
+    left, top, width, height = cv2.boundingRect(points)
+    region, region_mask = canvas[top:top + height, left:left + width], mask_u8[top:top + height, left:left + width]
+    tint = np.empty_like(region)
+    tint[:] = color
+    np.copyto(region, cv2.addWeighted(region, 1.0 - alpha, tint, alpha, 0.0), where=region_mask[:, :, None].astype(bool))
+    contours, _ = cv2.findContours(region_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(left, top))
+    cv2.drawContours(canvas, contours, -1, color, thickness, cv2.LINE_AA)
+
+
+def fit_for_display(image_rgb: np.ndarray, seg: Segmentation, max_side: int = 1600) -> tuple[np.ndarray, Segmentation]:
+    """The image and its segmentation shrunk so the longer side is at most `max_side` pixels (unchanged if smaller).
+
+    A notebook shows a figure at screen size: drawing and encoding a 6000x4000 display costs seconds for nothing.
+    Saved files keep the full resolution. Returns (image, Segmentation with scaled masks and boxes).
+    """
+    height, width = image_rgb.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return image_rgb, seg
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # OpenCV wants (width, height)
+    small = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA)
+    masks = np.zeros((len(seg.labels), size[1], size[0]), bool)
+    for index, mask in enumerate(np.asarray(seg.masks, bool)):
+        masks[index] = cv2.resize(mask.view(np.uint8) * np.uint8(255), size, interpolation=cv2.INTER_AREA) >= 128
+    boxes = np.asarray(seg.boxes, np.float32) * np.float32(scale)
+    return small, replace(seg, masks=masks, boxes=boxes, image_size=(size[1], size[0]))
+
+
 def overlay(
     image_rgb: np.ndarray, seg: Segmentation, alpha: float = 0.5, draw_boxes: bool = True, draw_labels: bool = True,
     color_indices: Sequence[int] | None = None,
@@ -157,11 +194,7 @@ def overlay(
     colors = [instance_color(index) for index in (range(len(seg)) if color_indices is None else color_indices)]
     assert len(colors) == len(seg), f"{len(colors)} colour indices for {len(seg)} instances"
     for index, mask in enumerate(np.asarray(seg.masks, bool)):
-        color = colors[index]
-        blended = canvas[mask].astype(np.float32) * (1.0 - alpha) + np.float32(alpha) * np.array(color, np.float32)
-        canvas[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(canvas, contours, -1, color, thickness, cv2.LINE_AA)
+        _blend_mask(canvas, mask, colors[index], alpha, thickness)
     for index, box in enumerate(np.asarray(seg.boxes, np.float32)):
         color = colors[index]
         if draw_boxes:

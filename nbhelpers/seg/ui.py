@@ -8,18 +8,26 @@ returns None when:
     of its own) and `jupyter nbconvert --execute` run cells through nbclient, which always sends
     allow_stdin=False; JupyterLab, Notebook, Colab and VS Code send True because they can answer input().
 The models and the pipeline are imported only when "Segment" is clicked, so this module imports cheaply.
+Reading the image (path rules, uploads, the upload size guard) is in `ui_inputs`.
 """
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import re
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from nbhelpers.seg.inputs import load_image
+from nbhelpers.seg.ui_inputs import (UPLOAD_LIMIT_BYTES, check_image_path, decode_upload, describe_file, describe_upload,
+                                     megabytes, upload_entries, upload_guard_script, upload_name)
 
 if TYPE_CHECKING:  # image.py imports torch and the models; this module needs neither at import
     from nbhelpers.seg.image import Segmentation
@@ -36,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "nms_iou": 0.5, "multimask": False,  # no widgets: passed through from the configuration to segment_image
 }
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
+DISPLAY_MAX_SIDE = 1600  # pixels: the on-screen figure is drawn at most this large; saved files keep full size
+REPEAT_CLICK_S = 0.5  # a second press sent by the browser sooner than this after the first is a double-click
+UI_CLASS, UPLOAD_CLASS, NOTE_CLASS = "nbh-seg-ui", "nbh-upload", "nbh-upload-note"
 ModelsLoader = Callable[[str], Any]  # SAM checkpoint id -> nbhelpers.seg.models.SegmentationModels
 
 # ----------------------------------------------------------------------------- environment
@@ -75,9 +86,12 @@ def run_once(
     Returns:
         (Segmentation, overlay as (H, W, 3) uint8 RGB).
     """
+    from nbhelpers.seg.render import overlay
+
     settings = {"box_threshold": box_threshold, "text_threshold": text_threshold,
                 "clipseg_threshold": clipseg_threshold, "nms_iou": nms_iou, "multimask": multimask}
-    return _segment(image, prompt, settings, sam_size, models_loader)[:2]
+    image_rgb, seg, _models = _segment(image, prompt, settings, sam_size, models_loader)
+    return seg, overlay(image_rgb, seg)
 
 
 def _check_settings(settings: dict[str, Any]) -> None:
@@ -90,10 +104,9 @@ def _check_settings(settings: dict[str, Any]) -> None:
 
 
 def _segment(image: Any, prompt: str, settings: dict[str, Any], sam_size: str,
-             models_loader: ModelsLoader) -> tuple[Segmentation, np.ndarray, Any]:
-    """run_once's work; also returns the models used, so the saved metadata can name them."""
+             models_loader: ModelsLoader) -> tuple[np.ndarray, Segmentation, Any]:
+    """Check the input, load the image and models, segment: (RGB image, Segmentation, models used)."""
     from nbhelpers.seg.image import load_image, segment_image  # lazily: pulls in the model stack
-    from nbhelpers.seg.render import overlay
 
     if not prompt or not prompt.strip():  # bad input is rejected before anything heavy starts
         raise ValueError("The prompt is empty: type what to segment, e.g. 'cat. dog.'.")
@@ -103,7 +116,7 @@ def _segment(image: Any, prompt: str, settings: dict[str, Any], sam_size: str,
     image_rgb = load_image(image)
     models = models_loader(SAM_CHECKPOINTS[sam_size])
     seg = segment_image(image_rgb, prompt.strip(), models, **settings)
-    return seg, overlay(image_rgb, seg), models
+    return image_rgb, seg, models
 
 
 def default_models_loader(sam_checkpoint: str) -> Any:
@@ -113,22 +126,25 @@ def default_models_loader(sam_checkpoint: str) -> Any:
     return load_models(sam=sam_checkpoint)
 
 
-def _keep_last_loaded(loader: ModelsLoader) -> ModelsLoader:
+class _KeepLastLoaded:
     """Reuse the loaded models between clicks; hold one set only. Switching SAM size also drops every SAM from
     nbhelpers.seg.models' cache (GroundingDINO and CLIPSeg stay), so the old SAM's memory is freed once no one
     else holds it, before the next one takes GPU memory."""
-    cache: dict[str, Any] = {}
 
-    def load(sam_checkpoint: str) -> Any:
-        if sam_checkpoint not in cache:
-            if cache:
+    def __init__(self, loader: ModelsLoader) -> None:
+        self.loader, self.cache = loader, {}
+
+    def has(self, sam_checkpoint: str) -> bool:
+        return sam_checkpoint in self.cache
+
+    def __call__(self, sam_checkpoint: str) -> Any:
+        if sam_checkpoint not in self.cache:
+            if self.cache:
                 from nbhelpers.seg.models import release
-                cache.clear()
+                self.cache.clear()
                 release("sam2")
-            cache[sam_checkpoint] = loader(sam_checkpoint)
-        return cache[sam_checkpoint]
-
-    return load
+            self.cache[sam_checkpoint] = self.loader(sam_checkpoint)
+        return self.cache[sam_checkpoint]
 
 
 # ----------------------------------------------------------------------------- widgets
@@ -139,7 +155,10 @@ class SegmentationUI:
     """The widgets of one UI; `container` is what gets displayed."""
 
     upload: Any
+    clear_upload: Any
     path: Any
+    source: Any  # HTML: the image the next run will segment
+    upload_note: Any  # HTML: the upload limit, or why an upload was refused
     prompt: Any
     box_threshold: Any
     text_threshold: Any
@@ -150,15 +169,65 @@ class SegmentationUI:
     container: Any
     nms_iou: float = DEFAULTS["nms_iou"]  # not widgets: set from the defaults
     multimask: bool = DEFAULTS["multimask"]
+    runs: int = 0  # runs started, double-clicks not counted
+    last_sent: float | None = None  # browser time of the last press that started a run (seconds since the epoch)
+    _saver: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _saving: Future | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"SegmentationUI(prompt={self.prompt.value!r}, sam_size={self.sam_size.value!r})"
 
+    def wait_saved(self, timeout: float | None = None) -> None:
+        """Block until the last run's files are written (they are saved after the result is shown)."""
+        if self._saving is not None:
+            self._saving.result(timeout)
 
-def _slider(widgets: Any, description: str, value: float) -> Any:
+
+def _slider(widgets: Any, description: str, value: float, tooltip: str) -> Any:
     return widgets.FloatSlider(
         value=value, min=0.0, max=1.0, step=0.01, description=description, readout_format=".2f",
-        continuous_update=False, style={"description_width": "initial"},
+        continuous_update=False, tooltip=tooltip, style={"description_width": "120px"},
+        layout=widgets.Layout(flex="1 1 260px", min_width="240px", max_width="420px"),
+    )
+
+
+def _row(widgets: Any, children: list) -> Any:
+    """A row that wraps onto more lines when the notebook is narrow (instead of squeezing or scrolling)."""
+    return widgets.HBox(children, layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
+
+
+def _label(widgets: Any, text: str, control: Any) -> Any:
+    """A caption in front of `control`. Text and Dropdown drop their tooltip when given a description
+    (ipywidgets 8), so they get none and this label carries the caption and the same tooltip."""
+    return widgets.Label(text, tooltip=control.tooltip, layout=widgets.Layout(width="auto", margin="0 4px 0 8px"))
+
+
+def _make_widgets(widgets: Any, values: dict[str, Any]) -> dict[str, Any]:
+    limit = megabytes(UPLOAD_LIMIT_BYTES)
+    return dict(
+        upload=widgets.FileUpload(accept="image/*", multiple=False, description="Upload image",
+                                  tooltip=f"Choose an image on this computer (up to {limit}); it replaces the path below",
+                                  layout=widgets.Layout(width="auto", min_width="150px")),
+        clear_upload=widgets.Button(description="Clear upload", icon="times", disabled=True,
+                                    tooltip="Forget the uploaded image and use the path instead",
+                                    layout=widgets.Layout(width="auto")),
+        path=widgets.Text(value=str(values["image_path"]), placeholder="/path/to/image.jpg", tooltip="Path of an image file on the machine running the "
+                          "notebook; quotes and file:// are fine. Typing here replaces an upload",
+                          layout=widgets.Layout(flex="1 1 300px", min_width="220px")),
+        source=widgets.HTML(tooltip="The image the next Segment will use"),
+        upload_note=widgets.HTML(tooltip="Jupyter drops bigger uploads; typed paths have no limit"),
+        prompt=widgets.Text(value=values["prompt"], placeholder="cat. dog.", tooltip="What to find, phrases separated by dots, e.g. 'a cat. a remote'. Enter runs Segment",
+                            layout=widgets.Layout(flex="1 1 300px", min_width="220px")),
+        box_threshold=_slider(widgets, "box threshold", values["box_threshold"], "Minimum detection score for a box: "
+                              "higher finds fewer, surer objects"),
+        text_threshold=_slider(widgets, "text threshold", values["text_threshold"], "Minimum score for matching a box "
+                               "to a phrase of the prompt"),
+        clipseg_threshold=_slider(widgets, "CLIPSeg threshold", values["clipseg_threshold"], "Used only when no box is "
+                                  "found: how sure the coarse fallback must be; lower finds more"),
+        sam_size=widgets.Dropdown(options=list(SAM_CHECKPOINTS), value=values["sam_size"], tooltip="Mask model size: larger gives sharper edges but is slower and "
+                                  "downloads more the first time", layout=widgets.Layout(width="auto", min_width="110px")),
+        button=widgets.Button(description="Segment", button_style="primary", icon="search",
+                              tooltip="Find the prompt's objects in the image (Enter in the prompt does the same)"),
     )
 
 
@@ -173,27 +242,66 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
     _check_settings({key: values[key] for key in ("nms_iou", "multimask")})
-    wide = {"description_width": "initial"}
-    ui = SegmentationUI(
-        upload=widgets.FileUpload(accept="image/*", multiple=False, description="Upload image"),
-        path=widgets.Text(value=str(values["image_path"]), description="or image path", placeholder="/path/to/image.jpg", style=wide),
-        prompt=widgets.Text(value=values["prompt"], description="Prompt", placeholder="cat. dog.", style=wide),
-        box_threshold=_slider(widgets, "box threshold", values["box_threshold"]),
-        text_threshold=_slider(widgets, "text threshold", values["text_threshold"]),
-        clipseg_threshold=_slider(widgets, "CLIPSeg threshold", values["clipseg_threshold"]),
-        sam_size=widgets.Dropdown(options=list(SAM_CHECKPOINTS), value=values["sam_size"], description="SAM 2.1 size", style=wide),
-        button=widgets.Button(description="Segment", button_style="primary", icon="search"),
-        output=widgets.Output(), container=None,
-        nms_iou=float(values["nms_iou"]), multimask=bool(values["multimask"]),
-    )
+    ui = SegmentationUI(**_make_widgets(widgets, values), output=widgets.Output(), container=None,
+                        nms_iou=float(values["nms_iou"]), multimask=bool(values["multimask"]))
+    ui.upload.add_class(UPLOAD_CLASS)
+    ui.upload_note.add_class(NOTE_CLASS)
     ui.container = widgets.VBox([
-        widgets.HBox([ui.upload, ui.path]), ui.prompt,
-        widgets.HBox([ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
-        widgets.HBox([ui.sam_size, ui.button]), ui.output,
-    ])
-    loader = _keep_last_loaded(models_loader or default_models_loader)
-    ui.button.on_click(lambda _button: handle_click(ui, loader, out_dir))
+        _row(widgets, [ui.upload, ui.clear_upload, _label(widgets, "or image path", ui.path), ui.path]),
+        ui.source, ui.upload_note, _row(widgets, [_label(widgets, "Prompt", ui.prompt), ui.prompt]),
+        _row(widgets, [ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
+        _row(widgets, [_label(widgets, "SAM 2.1 size", ui.sam_size), ui.sam_size, ui.button]),  # + a backend dropdown
+        ui.output,
+    ], layout=widgets.Layout(width="100%"))
+    ui.container.add_class(UI_CLASS)
+    _wire(ui, _KeepLastLoaded(models_loader or default_models_loader), out_dir)
     return ui
+
+
+def _wire(ui: SegmentationUI, loader: _KeepLastLoaded, out_dir: Path | None) -> None:
+    """The latest action picks the image: an upload wins until the path is edited or the upload cleared."""
+    def on_upload(_change: Any = None) -> None:
+        ui.clear_upload.disabled = not upload_entries(ui.upload.value)
+        ui.upload_note.value = _upload_hint()
+        _describe_source(ui)
+
+    def on_path(_change: Any) -> None:
+        if upload_entries(ui.upload.value):
+            ui.upload.value = ()  # calls on_upload
+        else:
+            _describe_source(ui)
+
+    ui.upload.observe(on_upload, names="value")
+    ui.path.observe(on_path, names="value")
+    ui.clear_upload.on_click(lambda _button: setattr(ui.upload, "value", ()))
+    def on_prompt_message(_widget: Any, content: dict, _buffers: Any) -> None:
+        if content.get("event") == "submit":  # Enter; Text.on_submit does this but is deprecated in ipywidgets 8
+            request_run(ui, loader, out_dir)
+
+    ui.button.on_click(lambda _button: request_run(ui, loader, out_dir))
+    ui.prompt.on_msg(on_prompt_message)
+    on_upload()
+
+
+def _upload_hint() -> str:
+    return (f"<small>Uploads up to {megabytes(UPLOAD_LIMIT_BYTES)}; for a bigger file type its path (on Kaggle or "
+            "Colab, copy it to the notebook's disk first).</small>")
+
+
+def _describe_source(ui: SegmentationUI) -> None:
+    """Show which image the next run will use, with its size, so a stale upload or a typo is seen before running."""
+    uploads = upload_entries(ui.upload.value)
+    if uploads:
+        text = f"Image: uploaded {html.escape(describe_upload(uploads[-1]))} (the path box is not used)"
+    elif not ui.path.value.strip():
+        text = "Image: none yet: upload one or type its path"
+    else:
+        try:
+            path = check_image_path(ui.path.value)
+            text = f"Image: {html.escape(describe_file(path))}<br><code>{html.escape(str(path))}</code>"
+        except ValueError as problem:
+            text = f"<span style='color:#c00'>{html.escape(str(problem))}</span>"
+    ui.source.value = f"<div style='overflow-wrap:anywhere'>{text}</div>"
 
 
 def launch_ui(
@@ -213,39 +321,49 @@ def launch_ui(
     if reason is not None:
         print(f"[nbhelpers] The interactive UI needs a live Jupyter kernel; skipped ({reason}). Call segment_image() in code instead.")
         return None
-    from IPython.display import display
+    from IPython.display import Javascript, display
 
     ui = build_ui(models_loader, defaults, out_dir)
     display(ui.container)
+    display(Javascript(upload_guard_script(UPLOAD_CLASS, NOTE_CLASS)))  # refuses oversize uploads in the browser
     return ui
 
 
 # ----------------------------------------------------------------------------- click handling
 
 
-def _read_image_input(ui: SegmentationUI) -> tuple[Any, str]:
-    """The uploaded image as RGB (through `load_image`: EXIF, alpha on white, 16-bit) if any, else the typed
-    path; plus a name for it."""
-    value = ui.upload.value
-    uploads = list(value.values()) if isinstance(value, dict) else list(value)  # ipywidgets 7: dict, 8: tuple
+def _sent_at() -> float | None:
+    """When the browser sent the message being handled (its header date), or None outside a kernel."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    kernel = getattr(get_ipython(), "kernel", None)
+    parent = kernel.get_parent() if hasattr(kernel, "get_parent") else getattr(kernel, "_parent_header", None)
+    date = (parent or {}).get("header", {}).get("date")
+    if isinstance(date, str):
+        date = datetime.fromisoformat(date.replace("Z", "+00:00"))
+    return date.timestamp() if isinstance(date, datetime) else None
+
+
+def request_run(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
+    """A press of Segment (or Enter): run, unless the browser sent it within REPEAT_CLICK_S of the press that
+    started the last run. The kernel handles presses one after another, so a double-click's second press only
+    arrives once the first run is over; the browser's send times tell the two apart."""
+    sent = _sent_at()
+    if sent is not None and ui.last_sent is not None and 0 <= sent - ui.last_sent < REPEAT_CLICK_S:
+        return None
+    ui.last_sent, ui.runs = sent, ui.runs + 1
+    return handle_click(ui, models_loader, out_dir)
+
+
+def _read_image_input(ui: SegmentationUI) -> tuple[np.ndarray, str]:
+    """The image the source line shows: the latest upload if there is one, else the typed path; plus its name."""
+    uploads = upload_entries(ui.upload.value)
     if uploads:
-        from PIL import Image, UnidentifiedImageError
-
-        from nbhelpers.seg.inputs import load_image  # no torch needed to decode
-
-        upload = uploads[-1]
-        name = upload.get("name") or upload.get("metadata", {}).get("name", "upload")
-        try:
-            with Image.open(io.BytesIO(bytes(upload["content"]))) as picture:
-                picture.load()  # decode now, so a truncated upload fails here with its name
-                return load_image(picture), name
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"{name} is not an image Pillow can read ({error}); upload a complete JPEG, PNG "
-                             f"or WebP.") from error
-    typed = ui.path.value.strip()
-    if not typed:
-        raise ValueError("No image: upload one or type its path.")
-    return str(Path(typed).expanduser()), Path(typed).name
+        return decode_upload(uploads[-1]), upload_name(uploads[-1])
+    path = check_image_path(ui.path.value)
+    return load_image(path), path.name
 
 
 def _figure_png(figure: Any) -> bytes:
@@ -265,29 +383,65 @@ def _show(output: Any, png: bytes | None = None, text: str = "", stream: str = "
     output.outputs = tuple(outputs)
 
 
+def _loading_in_output(ui: SegmentationUI, loader: ModelsLoader) -> ModelsLoader:
+    """`loader`, with what it prints (download and loading progress bars) shown in the UI's output area: a widget
+    callback's prints would otherwise go to JupyterLab's log console only."""
+    def load(sam_checkpoint: str) -> Any:
+        with ui.output:
+            return loader(sam_checkpoint)
+
+    return load
+
+
 def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
-    """What "Segment" does: run the pipeline and show the figure and a summary, or the error as one message."""
-    from nbhelpers.seg.image import load_image
-    from nbhelpers.seg.render import show_overlay, summary_line
+    """What "Segment" does: run the pipeline, show the figure and a summary (or the error as one message), then
+    save the files at full resolution in the background."""
+    from nbhelpers.seg.render import fit_for_display, overlay, show_overlay, summary_line
 
     ui.button.disabled = True
-    _show(ui.output, text="Segmenting... (the first click also loads the models)")
+    first = not (isinstance(models_loader, _KeepLastLoaded) and models_loader.has(SAM_CHECKPOINTS.get(ui.sam_size.value, "")))
+    _show(ui.output, text="Loading the models and segmenting... (first run with this SAM size; download progress "
+          "shows here)" if first else "Segmenting...")
     try:
-        image, name = _read_image_input(ui)
-        image_rgb = load_image(image)  # once here, so the saved overlay uses the very same pixels
+        image_rgb, name = _read_image_input(ui)
         settings = {"box_threshold": ui.box_threshold.value, "text_threshold": ui.text_threshold.value,
                     "clipseg_threshold": ui.clipseg_threshold.value, "nms_iou": ui.nms_iou, "multimask": ui.multimask}
-        seg, overlay_rgb, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value, models_loader)
-        summary = summary_line(seg)
+        _, seg, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value,
+                                  _loading_in_output(ui, models_loader))
+        shown_rgb, shown_seg = fit_for_display(image_rgb, seg, DISPLAY_MAX_SIDE)
+        png = _figure_png(show_overlay(overlay(shown_rgb, shown_seg), shown_seg, title=f"{name} | prompt: {seg.prompt!r}"))
+        summary = f"{name}: {summary_line(seg)}"
+        _show(ui.output, png=png, text=summary + (f"\nsaving to {out_dir} ..." if out_dir is not None else ""))
         if out_dir is not None:
-            summary += "\n" + _save(image_rgb, seg, Path(out_dir), name, settings, _describe(models, ui.sam_size.value))
-        _show(ui.output, png=_figure_png(show_overlay(overlay_rgb, seg)), text=summary)
+            _save_in_background(ui, png, summary, (image_rgb, seg, Path(out_dir), name, settings,
+                                                   _describe(models, ui.sam_size.value)))
         return seg
     except Exception as error:  # shown to the user as one line; the UI stays usable
-        _show(ui.output, text=f"Could not segment: {type(error).__name__}: {error}", stream="stderr")
+        _show(ui.output, text=f"Could not segment: {_user_message(error)}", stream="stderr")
         return None
     finally:
         ui.button.disabled = False
+
+
+def _user_message(error: Exception) -> str:
+    """Our own checks already speak to the user; anything else also names its type."""
+    if isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _save_in_background(ui: SegmentationUI, png: bytes, summary: str, arguments: tuple) -> None:
+    """Write the full-size files on one worker thread (PNG encoding of a big photo takes seconds and releases the
+    GIL); the summary line then says where they went, unless a newer run has replaced the output."""
+    ui._saver = ui._saver or ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbhelpers-ui-save")
+    run = ui.runs
+
+    def save_and_report() -> None:
+        line = _save(*arguments)
+        if ui.runs == run:
+            _show(ui.output, png=png, text=f"{summary}\n{line}")
+
+    ui._saving = ui._saver.submit(save_and_report)
 
 
 def _describe(models: Any, sam_size: str) -> dict[str, str]:
