@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from nbhelpers.seg.overlap import OrderedWorker, prefetch
-from nbhelpers.seg.video_io import VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video.io import VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video.overlap import OrderedWorker, prefetch
 from nbhelpers.testing import make_test_frame, make_test_video
 
 
