@@ -1,4 +1,4 @@
-"""Tiny random models and synthetic inputs for tests and smoke runs (no downloads).
+"""Tiny random models, synthetic inputs and the detections.json schema check, for tests and smoke runs (no downloads).
 
 The tiny models are real transformers classes with real processors and tokenizers, saved with
 `save_pretrained`, so code under test loads them through the same `from_pretrained` path as hub ids.
