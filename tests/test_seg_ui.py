@@ -299,11 +299,12 @@ def test_latest_action_picks_the_image_and_the_source_line_names_it(loader, segm
 def test_quoted_and_file_url_paths_are_accepted(loader, segment_calls, picture) -> None:
     path, rgb = picture
     url = path.resolve().as_uri()  # file:///.../my%20photo.png
-    for typed in (f'"{path}"', f"'{path}'", url, f"  {url}  "):
+    for typed in (f'"{path}"', f"'{path}'", url, f"  {url}  ", f' "{url}" '):
         assert clean_path(typed) == str(path), typed
-        ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": typed, **FALLBACK})
-        ui.button.click()
-        assert _outputs(ui)[2] == "" and np.array_equal(segment_calls[-1]["image"], rgb)
+    ui = build_ui(loader, defaults={"prompt": "cat.", "image_path": f' "{url}" ', **FALLBACK})
+    assert "my photo.png: 80 x 60 px" in ui.source.value
+    ui.button.click()
+    assert _outputs(ui)[2] == "" and np.array_equal(segment_calls[-1]["image"], rgb)
 
 
 def test_path_errors_speak_to_the_user(loader, picture, tmp_path: Path) -> None:

@@ -202,8 +202,14 @@ def _output_text(driver) -> str:
     return _css(driver, ".widget-output").text
 
 
-def _wait_output(driver, text: str) -> str:
-    _wait(driver, lambda d: text in _output_text(d))
+def _wait_output(driver, text: str, timeout: float = WAIT_S) -> str:
+    from selenium.common.exceptions import TimeoutException
+
+    try:
+        _wait(driver, lambda d: text in _output_text(d), timeout)
+    except TimeoutException:
+        raise AssertionError(f"{text!r} not shown in {timeout} s; the output shows {_output_text(driver)!r}, "
+                             f"and showed {driver.execute_script('return window.nbhSeen')!r}") from None
     return _output_text(driver)
 
 
@@ -216,10 +222,14 @@ def _set_text(driver, placeholder: str, text: str) -> None:
     from selenium.webdriver.common.keys import Keys
 
     box = _css(driver, f"input[placeholder='{placeholder}']")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    if text:
-        box.send_keys(text)
+    for _attempt in range(3):  # on a loaded machine a keystroke is sometimes lost: type again until it reads right
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        if text:
+            box.send_keys(text)
+        if box.get_attribute("value") == text:
+            return
+    raise AssertionError(f"could not type {text!r}: the box reads {box.get_attribute('value')!r}")
 
 
 def _upload(driver, path: Path) -> None:
@@ -245,7 +255,7 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
 
     _set_text(driver, "cat. dog.", "car.")
     _css(driver, "input[placeholder='cat. dog.']").send_keys(Keys.ENTER)  # Enter runs Segment
-    result = _wait_output(driver, "instance(s) for 'car.'")
+    result = _wait_output(driver, "instance(s) for 'car.'", 3 * WAIT_S)  # loads the models first
     assert "sample.jpg: 1 instance(s)" in result and _css(driver, ".widget-output img").size["width"] > 100
     seen = driver.execute_script("return window.nbhSeen")
     assert any("Loading the models" in text for text in seen), seen
@@ -281,12 +291,16 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     _upload(driver, small)  # later uploads still reach the kernel
     _wait_text(driver, ".widget-html", "uploaded small.png")
 
-    driver.set_window_size(800, 1000)  # narrow: rows wrap, nothing scrolls sideways, sliders keep their track
+    # Narrow, with the file browser open: rows wrap, nothing scrolls sideways, sliders keep their track and readout.
+    driver.execute_script("window.jupyterapp.shell.activateById('filebrowser')")
+    driver.set_window_size(800, 1000)
     time.sleep(1)
     layout = driver.execute_script(f"""
         const ui = document.querySelector('{UI}');
         const tracks = Array.from(ui.querySelectorAll('.widget-slider .slider-container'), e => e.getBoundingClientRect().width);
         const readouts = Array.from(ui.querySelectorAll('.widget-slider .widget-readout'), e => e.getBoundingClientRect().right);
-        return {{overflow: ui.scrollWidth - ui.clientWidth, right: ui.getBoundingClientRect().right, tracks, readouts}};""")
-    assert layout["overflow"] <= 1 and min(layout["tracks"]) >= 80, layout
+        const browser = document.getElementById('filebrowser');
+        return {{overflow: ui.scrollWidth - ui.clientWidth, right: ui.getBoundingClientRect().right, tracks, readouts,
+                 browser: browser ? browser.getBoundingClientRect().width : 0}};""")
+    assert layout["browser"] > 100 and layout["overflow"] <= 1 and min(layout["tracks"]) >= 80, layout
     assert max(layout["readouts"]) <= layout["right"] + 1, layout

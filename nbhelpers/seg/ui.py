@@ -8,7 +8,8 @@ returns None when:
     of its own) and `jupyter nbconvert --execute` run cells through nbclient, which always sends
     allow_stdin=False; JupyterLab, Notebook, Colab and VS Code send True because they can answer input().
 The models are loaded only when "Segment" is first clicked.
-Reading the image (path rules, uploads, the upload size guard) is in `ui_inputs`.
+Reading the image (path rules, uploads, the upload size guard) is in `ui_inputs`, the widgets and their layout in
+`ui_widgets`.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from nbhelpers.seg.inputs import load_image
 from nbhelpers.seg.models import load_models, release
 from nbhelpers.seg.render import fit_for_display, overlay, show_overlay, summary_line
 from nbhelpers.seg.types import DetectionSettings, Segmentation
-from nbhelpers.seg.ui_inputs import (UPLOAD_LIMIT_BYTES, check_image_path, decode_upload, describe_file, describe_upload,
-                                     megabytes, upload_entries, upload_guard_script, upload_name)
+from nbhelpers.seg.ui_inputs import (check_image_path, decode_upload, describe_file, describe_upload, upload_entries,
+                                     upload_guard_script, upload_name)
+from nbhelpers.seg.ui_widgets import NOTE_CLASS, UPLOAD_CLASS, arrange, make_controls, upload_hint
 
 SAM_CHECKPOINTS = {
     "tiny": "facebook/sam2.1-hiera-tiny",
@@ -47,7 +49,6 @@ DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", 
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
 DISPLAY_MAX_SIDE = 1600  # pixels: the on-screen figure is drawn at most this large; saved files keep full size
 REPEAT_CLICK_S = 0.5  # a second press sent by the browser sooner than this after the first is a double-click
-UI_CLASS, UPLOAD_CLASS, NOTE_CLASS = "nbh-seg-ui", "nbh-upload", "nbh-upload-note"
 ModelsLoader = Callable[[str], Any]  # SAM checkpoint id -> nbhelpers.seg.models.SegmentationModels
 
 # ----------------------------------------------------------------------------- environment
@@ -167,58 +168,8 @@ class SegmentationUI:
             self._saving.result(timeout)
 
 
-def _slider(widgets: Any, description: str, value: float, tooltip: str) -> Any:
-    return widgets.FloatSlider(
-        value=value, min=0.0, max=1.0, step=0.01, description=description, readout_format=".2f",
-        continuous_update=False, tooltip=tooltip, style={"description_width": "120px"},
-        layout=widgets.Layout(flex="1 1 260px", min_width="240px", max_width="420px"),
-    )
-
-
-def _row(widgets: Any, children: list) -> Any:
-    """A row that wraps onto more lines when the notebook is narrow (instead of squeezing or scrolling)."""
-    return widgets.HBox(children, layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
-
-
-def _label(widgets: Any, text: str, control: Any) -> Any:
-    """A caption in front of `control`. Text and Dropdown drop their tooltip when given a description
-    (ipywidgets 8), so they get none and this label carries the caption and the same tooltip."""
-    return widgets.Label(text, tooltip=control.tooltip, layout=widgets.Layout(width="auto", margin="0 4px 0 8px"))
-
-
-def _make_widgets(widgets: Any, values: dict[str, Any]) -> dict[str, Any]:
-    limit = megabytes(UPLOAD_LIMIT_BYTES)
-    return dict(
-        upload=widgets.FileUpload(accept="image/*", multiple=False, description="Upload image",
-                                  tooltip=f"Choose an image on this computer (up to {limit}); it replaces the path below",
-                                  layout=widgets.Layout(width="auto", min_width="150px")),
-        clear_upload=widgets.Button(description="Clear upload", icon="times", disabled=True,
-                                    tooltip="Forget the uploaded image and use the path instead",
-                                    layout=widgets.Layout(width="auto")),
-        path=widgets.Text(value=str(values["image_path"]), placeholder="/path/to/image.jpg", tooltip="Path of an image file on the machine running the "
-                          "notebook; quotes and file:// are fine. Typing here replaces an upload",
-                          layout=widgets.Layout(flex="1 1 300px", min_width="220px")),
-        source=widgets.HTML(tooltip="The image the next Segment will use"),
-        upload_note=widgets.HTML(tooltip="Jupyter drops bigger uploads; typed paths have no limit"),
-        prompt=widgets.Text(value=values["prompt"], placeholder="cat. dog.", tooltip="What to find, phrases separated by dots, e.g. 'a cat. a remote'. Enter runs Segment",
-                            layout=widgets.Layout(flex="1 1 300px", min_width="220px")),
-        box_threshold=_slider(widgets, "box threshold", values["box_threshold"], "Minimum detection score for a box: "
-                              "higher finds fewer, surer objects"),
-        text_threshold=_slider(widgets, "text threshold", values["text_threshold"], "Minimum score for matching a box "
-                               "to a phrase of the prompt"),
-        clipseg_threshold=_slider(widgets, "CLIPSeg threshold", values["clipseg_threshold"], "Used only when no box is "
-                                  "found: how sure the coarse fallback must be; lower finds more"),
-        sam_size=widgets.Dropdown(options=list(SAM_CHECKPOINTS), value=values["sam_size"], tooltip="Mask model size: larger gives sharper edges but is slower and "
-                                  "downloads more the first time", layout=widgets.Layout(width="auto", min_width="110px")),
-        button=widgets.Button(description="Segment", button_style="primary", icon="search",
-                              tooltip="Find the prompt's objects in the image (Enter in the prompt does the same)"),
-    )
-
-
 def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = None, out_dir: Path | None = None) -> SegmentationUI:
     """Create the widgets and wire the button (nothing is displayed). Arguments as for `launch_ui`."""
-    import ipywidgets as widgets
-
     unknown = set(defaults or {}) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"defaults has unknown keys {sorted(unknown)}; allowed: {list(DEFAULTS)}.")
@@ -226,17 +177,8 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
     settings = DetectionSettings(**{name: values[name] for name in SETTING_NAMES})  # checks every value
-    ui = SegmentationUI(**_make_widgets(widgets, values), output=widgets.Output(), container=None, settings=settings)
-    ui.upload.add_class(UPLOAD_CLASS)
-    ui.upload_note.add_class(NOTE_CLASS)
-    ui.container = widgets.VBox([
-        _row(widgets, [ui.upload, ui.clear_upload, _label(widgets, "or image path", ui.path), ui.path]),
-        ui.source, ui.upload_note, _row(widgets, [_label(widgets, "Prompt", ui.prompt), ui.prompt]),
-        _row(widgets, [ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
-        _row(widgets, [_label(widgets, "SAM 2.1 size", ui.sam_size), ui.sam_size, ui.button]),  # + a backend dropdown
-        ui.output,
-    ], layout=widgets.Layout(width="100%"))
-    ui.container.add_class(UI_CLASS)
+    ui = SegmentationUI(**make_controls(values, list(SAM_CHECKPOINTS)), container=None, settings=settings)
+    ui.container = arrange(ui)
     _wire(ui, _KeepLastLoaded(models_loader or default_models_loader), out_dir)
     return ui
 
@@ -245,7 +187,7 @@ def _wire(ui: SegmentationUI, loader: _KeepLastLoaded, out_dir: Path | None) -> 
     """The latest action picks the image: an upload wins until the path is edited or the upload cleared."""
     def on_upload(_change: Any = None) -> None:
         ui.clear_upload.disabled = not upload_entries(ui.upload.value)
-        ui.upload_note.value = _upload_hint()
+        ui.upload_note.value = upload_hint()
         _describe_source(ui)
 
     def on_path(_change: Any) -> None:
@@ -264,11 +206,6 @@ def _wire(ui: SegmentationUI, loader: _KeepLastLoaded, out_dir: Path | None) -> 
     ui.button.on_click(lambda _button: request_run(ui, loader, out_dir))
     ui.prompt.on_msg(on_prompt_message)
     on_upload()
-
-
-def _upload_hint() -> str:
-    return (f"<small>Uploads up to {megabytes(UPLOAD_LIMIT_BYTES)}; for a bigger file type its path (on Kaggle or "
-            "Colab, copy it to the notebook's disk first).</small>")
 
 
 def _describe_source(ui: SegmentationUI) -> None:
