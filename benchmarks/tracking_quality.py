@@ -288,6 +288,7 @@ def run_clip(clip: Clip, models, sam_video, workdir: Path, redetect_every: int =
     from nbhelpers.seg.video import segment as segment_module
 
     tracker = ScriptedTracker(clip)
+    workdir.mkdir(parents=True, exist_ok=True)
     original = segment_module.StreamingTracker
     segment_module.StreamingTracker = lambda *args, **kwargs: tracker
     try:
