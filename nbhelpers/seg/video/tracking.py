@@ -10,7 +10,7 @@ new frame by how many it holds, which pruning changes).
 Objects can also leave the session (`remove_objects`: forgotten or merged ids then cost nothing per frame) and
 be prompted again under their id (`add_objects` with a known id: a revived object). transformers' session has
 no removal call, so `remove_objects` re-indexes its per-object dictionaries itself (checked against a session
-that never had the object in tests/test_seg_video.py). Each object keeps two conditioning frames: its first
+that never had the object in tests/test_seg_video_identity.py). Each object keeps two conditioning frames: its first
 prompt and its latest one, so repeated revivals do not grow the state either.
 """
 from __future__ import annotations
