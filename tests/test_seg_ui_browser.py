@@ -157,7 +157,7 @@ def _chromium(profile: Path):
 
 
 @pytest.fixture(scope="module")
-def lab_page(tmp_path_factory: pytest.TempPathFactory, tiny_seg_model_dirs):
+def lab_page(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """(driver, work folder) with the Q2 notebook open in JupyterLab and its UI cell run."""
     reason = _missing()
     if reason:
@@ -165,7 +165,7 @@ def lab_page(tmp_path_factory: pytest.TempPathFactory, tiny_seg_model_dirs):
             pytest.fail(f"NBHELPERS_REQUIRE_BROWSER=1 but {reason}")
         pytest.skip(reason)
     work = tmp_path_factory.mktemp("lab")
-    name, cells = _prepare_notebook(work, tiny_seg_model_dirs)
+    name, cells = _prepare_notebook(work, request.getfixturevalue("tiny_seg_model_dirs"))  # built only when used
     port, token = _free_port(), secrets.token_hex(16)
     server, driver = _start_lab(work, port, token), None
     try:
