@@ -32,12 +32,12 @@ WAIT_S = 60  # any single wait in the browser
 UI = ".nbh-seg-ui"
 # Records every text the UI's output area shows, so short-lived states (progress, "Segmenting...") can be checked.
 RECORD_OUTPUT = """
-const output = document.querySelector(".nbh-seg-ui .widget-output");
+const root = document.querySelector(".nbh-seg-ui");
 window.nbhSeen = [];
 new MutationObserver(() => {
-  const text = output.innerText;
+  const text = Array.from(root.querySelectorAll(".widget-output"), element => element.innerText).join(" | ");
   if (window.nbhSeen[window.nbhSeen.length - 1] !== text) { window.nbhSeen.push(text); }
-}).observe(output, {childList: true, subtree: true, characterData: true});
+}).observe(root, {childList: true, subtree: true, characterData: true});
 """
 # ipywidgets' upload button opens a detached <input type=file>; attach it to the page so selenium can fill it.
 EXPOSE_FILE_INPUT = """
@@ -199,7 +199,7 @@ def _button(driver, label: str):
 
 
 def _output_text(driver) -> str:
-    return _css(driver, ".widget-output").text
+    return _css(driver, ".nbh-result").text
 
 
 def _wait_output(driver, text: str, timeout: float = WAIT_S) -> str:
@@ -256,7 +256,7 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     _set_text(driver, "cat. dog.", "car.")
     _css(driver, "input[placeholder='cat. dog.']").send_keys(Keys.ENTER)  # Enter runs Segment
     result = _wait_output(driver, "instance(s) for 'car.'", 3 * WAIT_S)  # loads the models first
-    assert "sample.jpg: 1 instance(s)" in result and _css(driver, ".widget-output img").size["width"] > 100
+    assert "sample.jpg: 1 instance(s)" in result and _css(driver, ".nbh-result img").size["width"] > 100
     seen = driver.execute_script("return window.nbhSeen")
     assert any("Loading the models" in text for text in seen), seen
     assert any("Loading weights" in text for text in seen), f"model loading progress is shown in the UI: {seen}"

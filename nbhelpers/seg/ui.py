@@ -146,7 +146,8 @@ class SegmentationUI:
     clipseg_threshold: Any
     sam_size: Any
     button: Any
-    output: Any
+    output: Any  # status, result figure and summary, or the error; set from the kernel only
+    progress: Any  # what model loading prints, captured by the browser (kept apart from `output`)
     container: Any
     settings: DetectionSettings = DetectionSettings()  # the settings without a widget come from here
     runs: int = 0  # runs started, double-clicks not counted
@@ -304,11 +305,16 @@ def _show(output: Any, png: bytes | None = None, text: str = "", stream: str = "
 
 
 def _loading_in_output(ui: SegmentationUI, loader: ModelsLoader) -> ModelsLoader:
-    """`loader`, with what it prints (download and loading progress bars) shown in the UI's output area: a widget
-    callback's prints would otherwise go to JupyterLab's log console only."""
+    """`loader`, with what it prints (download and loading progress bars) shown under the status line: a widget
+    callback's prints would otherwise go to JupyterLab's log console only. The browser fills a capturing Output
+    and syncs it back, so capture goes to `ui.progress`: into `ui.output`, set from here, a late sync could undo
+    the result."""
     def load(sam_checkpoint: str) -> Any:
-        with ui.output:
-            return loader(sam_checkpoint)
+        with ui.progress:
+            try:
+                return loader(sam_checkpoint)
+            finally:
+                ui.progress.clear_output()
 
     return load
 

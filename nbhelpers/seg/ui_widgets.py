@@ -12,7 +12,7 @@ import ipywidgets as widgets
 from nbhelpers.seg.ui_inputs import UPLOAD_LIMIT_BYTES, megabytes
 
 # CSS classes the browser-side upload guard (ui_inputs.upload_guard_script) and the browser test look for.
-UI_CLASS, UPLOAD_CLASS, NOTE_CLASS = "nbh-seg-ui", "nbh-upload", "nbh-upload-note"
+UI_CLASS, UPLOAD_CLASS, NOTE_CLASS, RESULT_CLASS = "nbh-seg-ui", "nbh-upload", "nbh-upload-note", "nbh-result"
 
 
 def _slider(description: str, value: float, tooltip: str) -> widgets.FloatSlider:
@@ -64,8 +64,15 @@ def make_controls(values: dict[str, Any], sam_sizes: list[str]) -> dict[str, Any
             "downloads more the first time"),
         button=widgets.Button(description="Segment", button_style="primary", icon="search",
                               tooltip="Find the prompt's objects in the image (Enter in the prompt does the same)"),
-        output=widgets.Output(),
+        output=_result_output(),
+        progress=widgets.Output(),  # captures model loading and download progress, emptied once loaded
     )
+
+
+def _result_output() -> widgets.Output:
+    output = widgets.Output()
+    output.add_class(RESULT_CLASS)
+    return output
 
 
 def arrange(ui: Any) -> widgets.VBox:
@@ -75,7 +82,7 @@ def arrange(ui: Any) -> widgets.VBox:
         ui.source, ui.upload_note, _row([_label("Prompt", ui.prompt), ui.prompt]),
         _row([ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
         _row([_label("SAM 2.1 size", ui.sam_size), ui.sam_size, ui.button]),  # a backend dropdown would join here
-        ui.output,
+        ui.output, ui.progress,
     ], layout=widgets.Layout(width="100%"))
     container.add_class(UI_CLASS)
     return container
