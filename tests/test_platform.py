@@ -65,7 +65,7 @@ def test_forced_precision_and_bad_precision():
 
 def test_cuda_request_without_gpu_is_explained(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+    with pytest.raises(ValueError, match="no CUDA GPU"):  # bad input: the CLIs exit 2
         platform.select_runtime("cuda")
 
 
