@@ -207,7 +207,9 @@ def test_checkpoints_that_unpickle_but_are_malformed_are_refused_like_corrupt_on
     good = torch.load(tmp_path / "last.pt", weights_only=False)
     no_rng = {key: value for key, value in good.items() if key != "rng"}
     reshaped = good | {"model": good["model"] | {"pos_embed": torch.zeros(1, 3, 64)}}  # as after a code change
-    for bad in (5, no_rng, reshaped):
+    diverged = good | {"model": {name: torch.full_like(t, float("nan")) if t.is_floating_point() else t
+                                 for name, t in good["model"].items()}}  # what older versions saved on a divergence
+    for bad in (5, no_rng, reshaped, diverged):
         torch.save(bad, tmp_path / "last.pt")
         written = (tmp_path / "last.pt").read_bytes()
         with pytest.raises(CheckpointError, match="corrupt, truncated or malformed.*left untouched.*FRESH=True"):
