@@ -208,7 +208,7 @@ FIELD_RANGES: dict[str, tuple[float, float, bool]] = {
 }
 
 
-def _type_error(name: str, value: Any, annotation: Any) -> str | None:
+def _type_error(value: Any, annotation: Any) -> str | None:
     """Why `value` does not fit the field's annotation (None when it does). bool is not accepted as a number."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
     if value is None:
@@ -223,7 +223,7 @@ def _type_error(name: str, value: Any, annotation: Any) -> str | None:
         if option is str and isinstance(value, str):
             return None
         if typing.get_origin(option) is tuple and isinstance(value, tuple) and len(value) == len(typing.get_args(option)) \
-                and all(_type_error(name, item, kind) is None for item, kind in zip(value, typing.get_args(option))):
+                and all(_type_error(item, kind) is None for item, kind in zip(value, typing.get_args(option))):
             return None
     names = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
     expected = " or ".join("None" if o is type(None) else names.get(o, f"{len(typing.get_args(o))} numbers in brackets") for o in options)
@@ -258,7 +258,7 @@ def validate_fields(config: Config) -> None:
         hints = typing.get_type_hints(type(part))
         for item in dataclasses.fields(part):
             value = getattr(part, item.name)
-            reason = _type_error(item.name, value, hints[item.name]) or _range_error(item.name, value)
+            reason = _type_error(value, hints[item.name]) or _range_error(item.name, value)
             if reason:
                 problems.append(f"{item.name.upper()}={value!r} {reason} (the preset's value is {getattr(default, item.name)!r})")
             elif isinstance(value, int) and not isinstance(value, bool) and hints[item.name] in (float, float | None):
