@@ -11,11 +11,13 @@ from html import escape
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from nbhelpers.platform import ensure_writable_dir, resolve_paths
 from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
-from nbhelpers.seg.inputs import load_image
+from nbhelpers.seg.inputs import find_unreadable_images, load_image
 from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
 from nbhelpers.seg.render import show_overlay
 from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation, VideoSettings
@@ -74,8 +76,17 @@ def output_folder(out: Path, name: str, used: set[str]) -> Path:
     return out / folder
 
 
+def check_images(config: SegmentConfig) -> None:
+    """Raise before any model is loaded when IMAGE_PATH is missing, empty or holds unreadable images (all named)."""
+    unreadable = find_unreadable_images(config.image_source())
+    if unreadable:
+        raise ValueError(f"IMAGE_PATH: {len(unreadable)} unreadable image(s), no model loaded yet: "
+                         + "; ".join(str(error) for _, error in unreadable))
+
+
 def load_configured_models(config: SegmentConfig) -> SegmentationModels:
-    """Load (once per process) the three models the config names."""
+    """Check the configured images, then load (once per process) the three models the config names."""
+    check_images(config)
     return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
 
 
@@ -102,7 +113,7 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
         files = save_outputs(image, segmentation, folder, metadata)
         if verbose:
             note = "" if len(segmentation) else f" -- {segmentation.message}"
-            print(f"{name}: {segmentation.summary()} -> {folder}{note}", file=sys.stdout, flush=True)
+            tqdm.write(f"{name}: {segmentation.summary()} -> {folder}{note}", file=sys.stdout)  # above the progress bar
         results.append(SavedResult(name, segmentation, folder, files))
     return results
 
