@@ -62,9 +62,16 @@ def test_two_processes_match_one_process_in_fp32_without_augmentation_randomness
     np.testing.assert_allclose([r["train_loss"] for r in double.history], [r["train_loss"] for r in single.history], rtol=1e-5)
     assert [r["test_accuracy"] for r in double.history] == [r["test_accuracy"] for r in single.history]
     one, two = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
-    for name in one["model"]:
-        torch.testing.assert_close(two["model"][name], one["model"][name], rtol=1e-4, atol=1e-5, msg=name)
-        torch.testing.assert_close(two["ema"][name], one["ema"][name], rtol=1e-4, atol=1e-5, msg=name)
+    for weights in ("model", "ema"):
+        for name in one[weights]:
+            expected, actual = one[weights][name], two[weights][name]
+            if name.endswith("attn.qkv.bias"):
+                # The key bias has an exactly-zero gradient (softmax ignores a constant shift of the logits), so
+                # AdamW turns rounding noise (~1e-9) into steps of up to lr: that third is compared loosely.
+                torch.testing.assert_close(actual.view(3, -1)[1], expected.view(3, -1)[1], rtol=0, atol=1e-4, msg=name)
+                expected, actual = expected.view(3, -1)[[0, 2]], actual.view(3, -1)[[0, 2]]
+            # Measured: at most 1.2e-7 relative to each tensor's largest value (4e-6 for a LayerNorm bias).
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=f"{weights} {name}")
     assert not write_spy.exists(), write_spy.read_text()  # rank 1 wrote nothing under OUT_DIR
 
 
