@@ -5,7 +5,6 @@ decisions here makes them testable without training, and keeps per-epoch overhea
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,18 +38,16 @@ def evaluation_epochs(epochs: int, every: int, final_epochs: int) -> set[int]:
 
 
 def auto_eval_every(epochs: int, final_epochs: int, eval_seconds: float, epoch_seconds: float) -> int:
-    """The smallest spacing k so that the evaluations of `evaluation_epochs` cost <= EVAL_SHARE of training.
+    """The smallest spacing k whose `evaluation_epochs` cost <= EVAL_SHARE of the training time.
 
     The first, last and final epochs are always evaluated; when they alone exceed the share (very short runs),
     the periodic ones are dropped (k = epochs).
     """
     if epoch_seconds <= 0 or eval_seconds <= 0:
         return 1
-    allowed = EVAL_SHARE * epochs * epoch_seconds / eval_seconds  # evaluations the share pays for
-    fixed = min(epochs, final_epochs + 1)
-    if allowed - fixed < 1:
-        return epochs
-    return max(1, math.ceil(epochs / (allowed - fixed)))
+    allowed = EVAL_SHARE * epochs * epoch_seconds
+    return next((every for every in range(1, epochs + 1)
+                 if len(evaluation_epochs(epochs, every, final_epochs)) * eval_seconds <= allowed), epochs)
 
 
 def plan_budget(budget_seconds: float, clock: LoopClock, step: int, steps_per_epoch: int,

@@ -177,10 +177,10 @@ def train_one_epoch(state: TrainState, train_step, config: Config, tensors: dict
                 accounted = account_time(state, accounted)  # a resumed run keeps the time spent so far
                 save_checkpoint(state, config, out_dir, clock)  # wall-clock checkpoint inside long epochs
     account_time(state, accounted)
-    if steady[1]:
-        clock.step_seconds = steady[0] / steady[1]
     done = end - offset
     record = epoch_record(state, sums, done, train.batch_size, time.perf_counter() - epoch_start)
+    # steady-state speed; an epoch of one logging window has only its whole time (compile included) to go by
+    clock.step_seconds = steady[0] / steady[1] if steady[1] else record["epoch_seconds"] / max(1, done)
     return {"epoch": epoch + 1, **record, "mix": mix, "steps": done}  # fewer steps than an epoch's after a mid-epoch resume
 
 
