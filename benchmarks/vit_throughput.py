@@ -154,7 +154,7 @@ def speed_fields(images: int, seconds: float, train_flops: int, device_label: st
     achieved = per_second * train_flops
     peak = peak_flops(device_label)
     return {"images_per_second": round(per_second, 1), "seconds": round(seconds, 4), "train_flops_per_image": train_flops,
-            "tflops": round(achieved / 1e12, 3), "mfu": None if peak is None else round(achieved / peak, 4),
+            "tflops": round(achieved / 1e12, 6), "mfu": None if peak is None else round(achieved / peak, 4),
             "peak_flops": peak, "peak_basis": PEAK_BASIS}
 
 
