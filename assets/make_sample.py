@@ -92,7 +92,7 @@ def make_clip_frame(index: int) -> np.ndarray:
 
 
 def write_clip(target: Path) -> None:
-    from nbhelpers.seg.video_io import VideoWriter
+    from nbhelpers.seg.video.io import VideoWriter
 
     with VideoWriter(target, *CLIP_SIZE, CLIP_FPS) as writer:
         for index in range(CLIP_FRAMES):

@@ -32,13 +32,15 @@ from nbhelpers.seg.image import segment_images  # noqa: E402
 from nbhelpers.seg.inference import clipseg_probabilities  # noqa: E402
 from nbhelpers.seg.models import load_models, load_sam2_video  # noqa: E402
 from nbhelpers.seg.render import overlay  # noqa: E402
-from nbhelpers.seg.tracking import StreamingTracker  # noqa: E402
-from nbhelpers.seg.detection import FrameDetections
+from nbhelpers.seg.types import DetectionSettings, FrameDetections  # noqa: E402
 from nbhelpers.seg.video import segment_video  # noqa: E402
-from nbhelpers.seg.video_io import VideoWriter  # noqa: E402
+from nbhelpers.seg.video.io import VideoWriter  # noqa: E402
+from nbhelpers.seg.video.tracking import StreamingTracker  # noqa: E402
 from nbhelpers.testing import build_real_config_models, build_tiny_segmentation_models, make_test_frame, make_test_image  # noqa: E402
 
 PROMPT = "a cat. a remote"
+# Random weights: every box passes at 0; the five best are kept, a realistic number of boxes for SAM.
+SETTINGS = DetectionSettings(box_threshold=0.0, text_threshold=0.0, max_detections=5)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,8 +74,8 @@ def measure_images(models, args, base: dict) -> None:
             batch = images[:batch_size]
             synchronize(device)
             start = time.perf_counter()
-            results = segment_images(batch, PROMPT, models, box_threshold=0.0, text_threshold=0.0, batch_size=batch_size,
-                                     progress=False, max_detections=5)
+            results = segment_images(batch, PROMPT, models, SETTINGS, batch_size=batch_size, progress=False,
+                                     profile=True)  # synchronised stages: exact stages_ms
             for image, (_, seg) in zip(batch, results):
                 overlay(image, seg)
             synchronize(device)
@@ -87,8 +89,7 @@ def measure_images(models, args, base: dict) -> None:
         targets = {"ms_per_image": 100.0} if batch_size == 1 else {}
         emit(record | (target_fields(record, targets, ("ms_per_image",), evaluate=base["is_h100"]) if targets else {}))
     if args.profile:
-        step = lambda: segment_images(images[:1], PROMPT, models, box_threshold=0.0, text_threshold=0.0,  # noqa: E731
-                                      batch_size=1, progress=False, max_detections=5)
+        step = lambda: segment_images(images[:1], PROMPT, models, SETTINGS, batch_size=1, progress=False)  # noqa: E731
         emit(base | {"measurement": "image_profile", "batch_size": 1, "top_ops": profile_top_ops(step, device)})
 
 

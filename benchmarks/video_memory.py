@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nbhelpers.seg import tracking
+from nbhelpers.seg.video import tracking
 from nbhelpers.seg.models import load_models, load_sam2_video
-from nbhelpers.seg.detection import FrameDetections
+from nbhelpers.seg.types import FrameDetections
 from nbhelpers.seg.video import segment_video
 from nbhelpers.testing import build_tiny_segmentation_models, make_test_video
 

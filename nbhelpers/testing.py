@@ -1,4 +1,4 @@
-"""Tiny random models and synthetic inputs for tests and smoke runs (no downloads).
+"""Tiny random models, synthetic inputs and the detections.json schema check, for tests and smoke runs (no downloads).
 
 The tiny models are real transformers classes with real processors and tokenizers, saved with
 `save_pretrained`, so code under test loads them through the same `from_pretrained` path as hub ids.
@@ -6,11 +6,12 @@ Their weights are random: tests check shapes, coordinates and control flow, neve
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -282,3 +283,77 @@ def build_real_config_models(root: str | os.PathLike) -> dict[str, Path]:
     return _build_models(root, {"dino": ("grounding-dino-tiny-random", _save_real_grounding_dino),
                                 "sam": ("sam2.1-hiera-tiny-random", _save_real_sam2),
                                 "clipseg": ("clipseg-rd64-random", _save_real_clipseg)})
+
+
+# ----------------------------------------------------------------------------- detections.json schema (tests)
+
+DETECTIONS_TOP_LEVEL_KEYS = ("image", "prompt", "source", "detections", "models", "thresholds", "timings", "message")
+DETECTION_KEYS = ("label", "score", "box_xyxy", "mask_score", "area", "mask_rle")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rle_area(rle: dict[str, Any]) -> int:
+    from pycocotools import mask as mask_utils
+
+    return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
+
+
+def _detection_problems(index: int, det: Any, size: list[int] | None) -> list[str]:
+    where = f"detections[{index}]"
+    if not isinstance(det, dict):
+        return [f"{where} must be an object"]
+    problems = [f"{where}.{key} is missing" for key in DETECTION_KEYS if key not in det]
+    if problems:
+        return problems
+    if not isinstance(det["label"], str):
+        problems.append(f"{where}.label must be a string")
+    if not (_is_number(det["score"]) and 0.0 <= det["score"] <= 1.0):
+        problems.append(f"{where}.score must be a number in [0, 1], got {det['score']!r}")
+    box = det["box_xyxy"]
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box) and box[0] <= box[2] and box[1] <= box[3]):
+        problems.append(f"{where}.box_xyxy must be [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1, got {box!r}")
+    if det["mask_score"] is not None and not _is_number(det["mask_score"]):
+        problems.append(f"{where}.mask_score must be a number or null")
+    rle = det["mask_rle"]
+    if not (isinstance(rle, dict) and isinstance(rle.get("counts"), str) and rle.get("size") == size):
+        problems.append(f"{where}.mask_rle must be {{'size': {size}, 'counts': str}}")
+    elif not (isinstance(det["area"], int) and det["area"] == _rle_area(rle)):
+        problems.append(f"{where}.area {det['area']!r} does not match the mask's pixel count")
+    return problems
+
+
+def validate_detections(data: dict[str, Any]) -> None:
+    """Check a detections.json document against the schema in nbhelpers.seg.export's docstring.
+
+    Args:
+        data: the parsed document (export.build_detections or export.load_detections).
+    Raises:
+        ValueError listing every problem found.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"detections.json must hold an object, got {type(data).__name__}.")
+    problems = [f"'{key}' is missing" for key in DETECTIONS_TOP_LEVEL_KEYS if key not in data]
+    if problems:
+        raise ValueError("detections.json schema: " + "; ".join(problems))
+    image = data["image"]
+    size = None
+    if not (isinstance(image, dict) and all(isinstance(image.get(k), int) and image[k] > 0 for k in ("height", "width"))):
+        problems.append("image must have positive integer 'height' and 'width'")
+    else:
+        size = [image["height"], image["width"]]
+        if "source_file" in image and not isinstance(image["source_file"], str):
+            problems.append("image.source_file must be a string")
+    problems += [f"'{key}' must be a string" for key in ("prompt", "source", "message") if not isinstance(data[key], str)]
+    problems += [f"'{key}' must be an object" for key in ("models", "thresholds", "timings") if not isinstance(data[key], dict)]
+    if isinstance(data["timings"], dict) and not all(_is_number(v) for v in data["timings"].values()):
+        problems.append("timings values must be numbers (seconds)")
+    if not isinstance(data["detections"], list):
+        problems.append("'detections' must be a list")
+    else:
+        for index, det in enumerate(data["detections"]):
+            problems += _detection_problems(index, det, size)
+    if problems:
+        raise ValueError("detections.json schema: " + "; ".join(problems))

@@ -57,7 +57,8 @@ def test_q1_notebook_runs_the_smoke_preset(tmp_path):
 
 
 def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_seg_model_dirs):
-    from nbhelpers.seg.export import load_detections, validate_detections
+    from nbhelpers.seg.export import load_detections
+    from nbhelpers.testing import validate_detections
 
     out_dir = tmp_path / "q2"
     notebook = run(

@@ -12,6 +12,7 @@ from PIL import Image
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.export import OUTPUT_FILES, load_detections
 from nbhelpers.seg.pipeline import output_folder
+from nbhelpers.testing import validate_detections
 from nbhelpers.testing import make_test_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,8 @@ def test_folder_run_writes_outputs_and_exits_0(tiny_seg_model_dirs, image_folder
     assert done.returncode == 0, done.stderr
     for stem, size in (("kitchen", (72, 120)), ("street", (100, 64))):
         assert sorted(path.name for path in (out / stem).iterdir()) == sorted(OUTPUT_FILES.values())
-        saved = load_detections(out / stem / "detections.json")  # validates the schema too
+        saved = load_detections(out / stem / "detections.json")
+        validate_detections(saved)
         assert (saved["image"]["height"], saved["image"]["width"]) == size
         assert saved["prompt"] == "a cat. the dog." and saved["source"] == "grounding-dino"
         assert saved["thresholds"]["box_threshold"] == 0.05
@@ -115,7 +117,7 @@ def test_unexpected_error_exits_1(tiny_seg_model_dirs, tiny_seg_models, image_fo
     def failing_save(*args, **kwargs):  # stands in for a bug deep inside the run
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr("nbhelpers.seg.export.save_outputs", failing_save)
+    monkeypatch.setattr("nbhelpers.seg.pipeline.save_outputs", failing_save)
     code = cli.main([str(image_folder / "kitchen.png"), "--prompt", "a cat", "--out", str(tmp_path / "out"),
                      *_model_args(tiny_seg_model_dirs)])
     assert code == 1

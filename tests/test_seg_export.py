@@ -11,8 +11,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from nbhelpers.seg import export
-from nbhelpers.seg.export import build_detections, decode_rle, encode_masks, load_detections, save_outputs, validate_detections
-from nbhelpers.seg.image import Segmentation
+from nbhelpers.seg.export import build_detections, decode_rle, encode_masks, load_detections, save_outputs
+from nbhelpers.seg.types import Segmentation
+from nbhelpers.testing import validate_detections
 from nbhelpers.seg.render import instance_map, overlay, union_mask
 
 METADATA = {
@@ -222,4 +223,7 @@ def test_load_detections_reports_broken_json(tmp_path: Path) -> None:
     path = tmp_path / "detections.json"
     path.write_text('{"image": ')
     with pytest.raises(ValueError, match="not valid JSON"):
+        load_detections(path)
+    path.write_text('{"image": {"height": 4, "width": 4}}')
+    with pytest.raises(ValueError, match="not a detections file"):
         load_detections(path)

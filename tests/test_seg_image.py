@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from nbhelpers.seg import image as seg_image
-from nbhelpers.seg.image import (Segmentation, clipseg_map_to_boxes, load_image, normalize_prompt, per_label_nms,
-                                 prompt_phrases, segment_image, segment_images)
-from nbhelpers.seg.inference import Detections
+from nbhelpers.seg import backends
+from nbhelpers.seg.backends import StageClock, clipseg_map_to_boxes, per_label_nms
+from nbhelpers.seg.image import segment_image, segment_images
+from nbhelpers.seg.inputs import load_image, normalize_prompt, prompt_phrases
+from nbhelpers.seg.types import TIMING_STAGES, DetectionSettings, Detections, Segmentation
 from nbhelpers.testing import make_test_image
 
 # ----------------------------------------------------------------------------- prompts
@@ -49,7 +50,7 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_seg_models) -> None:
 
 
 def test_non_ascii_prompt_runs(tiny_seg_models) -> None:
-    result = segment_image(make_test_image(48, 64), "chat noir é, 猫, 🐱", tiny_seg_models, box_threshold=0.05)
+    result = segment_image(make_test_image(48, 64), "chat noir é, 猫, 🐱", tiny_seg_models, settings=DetectionSettings(box_threshold=0.05))
     assert result.prompt == "chat noir é. 猫. 🐱."
     assert set(result.labels) <= {"chat noir é", "猫", "🐱"}
 
@@ -64,17 +65,17 @@ def _box_inside(boxes: np.ndarray, height: int, width: int) -> bool:
 
 def test_detection_path_on_non_square_image(tiny_seg_models) -> None:
     height, width = 90, 210
-    result = segment_image(make_test_image(height, width), "a cat. the dog", tiny_seg_models, box_threshold=0.05,
-                           text_threshold=0.0)
+    result = segment_image(make_test_image(height, width), "a cat. the dog", tiny_seg_models, settings=DetectionSettings(box_threshold=0.05, text_threshold=0.0))
     assert result.source == "grounding-dino" and len(result) > 0
     assert result.image_size == (height, width)
     assert result.masks.shape == (len(result), height, width) and result.masks.dtype == bool
     assert result.boxes.shape == (len(result), 4) and _box_inside(result.boxes, height, width)
     assert set(result.labels) <= {"a cat", "the dog"}
     assert result.mask_scores.shape == (len(result),) and np.isfinite(result.mask_scores).all()
-    assert list(result.timings) == list(seg_image.TIMING_STAGES)  # exactly the documented stages
-    assert list(seg_image.TIMING_STAGES) == ["preprocess", "detect", "segment", "fallback", "total"]
+    assert list(result.timings) == list(TIMING_STAGES)  # exactly the documented stages
     assert all(seconds >= 0 for seconds in result.timings.values())
+    assert result.timings["total"] == pytest.approx(sum(v for k, v in result.timings.items() if k != "total"))
+    assert result.backend == "grounding-dino+sam2"
     assert result.timings["fallback"] == 0.0  # GroundingDINO found boxes: no fallback ran
 
 
@@ -83,7 +84,7 @@ def test_large_image_runs_at_model_size_with_outputs_at_original_size(tiny_seg_m
 
     monkeypatch.setattr(inference, "MAX_UPSAMPLE_BYTES", 32 * 2**20)  # several upsampling chunks for this image
     height, width = 1500, 2400
-    result = segment_image(make_test_image(height, width), "a cat", tiny_seg_models, box_threshold=0.05)
+    result = segment_image(make_test_image(height, width), "a cat", tiny_seg_models, settings=DetectionSettings(box_threshold=0.05))
     assert len(result) > 2 and result.masks.shape == (len(result), height, width) and result.masks.dtype == bool
     assert _box_inside(result.boxes, height, width) and result.boxes[:, 2].max() > 96  # not the model's input scale
 
@@ -112,9 +113,9 @@ def test_pipeline_output_respects_nms(tiny_seg_models) -> None:
     # The tiny random detector gives small boxes that barely overlap (IoU 0.034 at most for this image and
     # prompt), so NMS is tested at an IoU of 0.02: without NMS the result would have such a pair.
     image, iou = make_test_image(80, 120), 0.02
-    unsuppressed = segment_image(image, "a cat", tiny_seg_models, box_threshold=0.05, text_threshold=0.0, nms_iou=1.0)
+    unsuppressed = segment_image(image, "a cat", tiny_seg_models, settings=DetectionSettings(box_threshold=0.05, text_threshold=0.0, nms_iou=1.0))
     assert _max_same_label_overlap(unsuppressed)[1] > iou
-    result = segment_image(image, "a cat", tiny_seg_models, box_threshold=0.05, text_threshold=0.0, nms_iou=iou)
+    result = segment_image(image, "a cat", tiny_seg_models, settings=DetectionSettings(box_threshold=0.05, text_threshold=0.0, nms_iou=iou))
     most, worst = _max_same_label_overlap(result)
     assert most >= 2, "need two boxes with one label for the overlap check to mean anything"
     assert worst <= iou + 1e-6 and 0 < len(result) < len(unsuppressed)
@@ -122,10 +123,9 @@ def test_pipeline_output_respects_nms(tiny_seg_models) -> None:
 
 def test_max_detections_keeps_the_highest_scores(tiny_seg_models) -> None:
     image = make_test_image(80, 120)
-    everything = segment_images([image], "a cat", tiny_seg_models, box_threshold=0.0, text_threshold=0.0, progress=False)[0][1]
+    everything = segment_images([image], "a cat", tiny_seg_models, progress=False, settings=DetectionSettings(box_threshold=0.0, text_threshold=0.0))[0][1]
     assert len(everything) > 3, "need more boxes than the cap for the check to mean anything"
-    capped = segment_images([image], "a cat", tiny_seg_models, box_threshold=0.0, text_threshold=0.0, progress=False,
-                            max_detections=3)[0][1]
+    capped = segment_images([image], "a cat", tiny_seg_models, progress=False, settings=DetectionSettings(box_threshold=0.0, text_threshold=0.0, max_detections=3))[0][1]
     np.testing.assert_allclose(np.sort(capped.scores), np.sort(everything.scores)[-3:])
     assert capped.masks.shape == (3, 80, 120)
 
@@ -134,8 +134,7 @@ def test_fallback_to_clipseg_when_dino_finds_nothing(tiny_seg_models) -> None:
     # Random weights: a CLIPSeg threshold of 0 makes every pixel (sigmoid > 0) one region, so the fallback
     # deterministically finds something; box_threshold=1.0 can never be exceeded by a sigmoid score.
     height, width = 60, 100
-    result = segment_image(make_test_image(height, width), "a cat, a dog", tiny_seg_models, box_threshold=1.0,
-                           clipseg_threshold=0.0)
+    result = segment_image(make_test_image(height, width), "a cat, a dog", tiny_seg_models, settings=DetectionSettings(box_threshold=1.0, clipseg_threshold=0.0))
     assert result.source == "clipseg-fallback"
     assert result.labels == ["a cat", "a dog"]
     np.testing.assert_array_equal(result.boxes, [[0, 0, width, height]] * 2)
@@ -147,20 +146,20 @@ def test_fallback_to_clipseg_when_dino_finds_nothing(tiny_seg_models) -> None:
 def test_fallback_keeps_clipseg_region_where_sam_mask_is_empty(tiny_seg_models, monkeypatch) -> None:
     # The real SAM call runs; its masks are then emptied to exercise the keep-the-coarse-region branch,
     # which random weights cannot be relied on to reach.
-    real = seg_image.sam2_masks_for_boxes
+    real = backends.sam2_masks_for_boxes
 
     def empty_masks(*args, **kwargs):
         masks, scores = real(*args, **kwargs)
         return np.zeros_like(masks), scores
 
-    monkeypatch.setattr(seg_image, "sam2_masks_for_boxes", empty_masks)
-    result = segment_image(make_test_image(40, 50), "a cat", tiny_seg_models, box_threshold=1.0, clipseg_threshold=0.0)
+    monkeypatch.setattr(backends, "sam2_masks_for_boxes", empty_masks)
+    result = segment_image(make_test_image(40, 50), "a cat", tiny_seg_models, settings=DetectionSettings(box_threshold=1.0, clipseg_threshold=0.0))
     assert result.source == "clipseg-fallback" and result.masks.all()  # the whole-image CLIPSeg region
     assert np.isnan(result.mask_scores).all()
 
 
 def test_nothing_found_is_empty_with_message(tiny_seg_models) -> None:
-    result = segment_image(make_test_image(50, 70), "a cat", tiny_seg_models, box_threshold=1.0, clipseg_threshold=1.0)
+    result = segment_image(make_test_image(50, 70), "a cat", tiny_seg_models, settings=DetectionSettings(box_threshold=1.0, clipseg_threshold=1.0))
     assert result.source == "none" and len(result) == 0
     assert result.masks.shape == (0, 50, 70) and result.boxes.shape == (0, 4)
     assert "no object matched 'a cat.'" in result.message
@@ -174,11 +173,10 @@ def test_batched_folder_matches_single_images(tiny_seg_models, tmp_path: Path) -
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.warns(UserWarning, match="skipped broken.jpg"):
-        results = segment_images(tmp_path, "a cat", tiny_seg_models, box_threshold=0.05, batch_size=2,
-                                 progress=False, skip_unreadable=True)
+        results = segment_images(tmp_path, "a cat", tiny_seg_models, batch_size=2, progress=False, skip_unreadable=True, settings=DetectionSettings(box_threshold=0.05))
     assert [name for name, _ in results] == ["img0.png", "img1.png", "img2.png"]
     for (name, batched), array in zip(results, arrays):
-        single = segment_image(array, "a cat", tiny_seg_models, box_threshold=0.05)
+        single = segment_image(array, "a cat", tiny_seg_models, settings=DetectionSettings(box_threshold=0.05))
         assert batched.labels == single.labels
         np.testing.assert_allclose(batched.boxes, single.boxes, atol=1e-2)
         assert (batched.masks != single.masks).mean() < 0.01
@@ -281,18 +279,38 @@ def test_segmentation_summary() -> None:
     assert empty.summary() == "nothing (none, 0.50 s)"
 
 
-def test_stage_clock_synchronises_only_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_clock_synchronises_cuda_only_when_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
     # No GPU here: torch.cuda.synchronize is replaced by a recorder, and the models by their devices only.
     synchronised = []
     monkeypatch.setattr(torch.cuda, "synchronize", synchronised.append)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    clock = seg_image._StageClock(SimpleNamespace(dino=SimpleNamespace(device=gpu), sam=SimpleNamespace(device=gpu),
-                                                  clipseg=SimpleNamespace(device=cpu)))
+    gpu_models = SimpleNamespace(dino=SimpleNamespace(device=gpu), sam=SimpleNamespace(device=gpu),
+                                 clipseg=SimpleNamespace(device=cpu))
+    clock = StageClock(gpu_models, sync=True)
     clock.lap("preprocess")
     clock.lap("detect")
     assert synchronised == [gpu, gpu] and list(clock.seconds) == ["preprocess", "detect"]
     assert all(seconds >= 0 for seconds in clock.seconds.values())
     cpu_models = SimpleNamespace(dino=SimpleNamespace(device=cpu), sam=SimpleNamespace(device=cpu),
                                  clipseg=SimpleNamespace(device=cpu))
-    seg_image._StageClock(cpu_models).lap("preprocess")
-    assert synchronised == [gpu, gpu]
+    StageClock(cpu_models, sync=True).lap("preprocess")
+    default = StageClock(gpu_models)  # production default: no synchronize at all
+    default.lap("preprocess")
+    assert synchronised == [gpu, gpu] and list(default.seconds) == ["preprocess"]
+
+
+def test_profile_flag_reaches_the_stage_clock(tiny_seg_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    real = backends.StageClock
+    monkeypatch.setattr(backends, "StageClock", lambda models, sync=False: made.append(sync) or real(models, sync))
+    image = make_test_image(48, 64)
+    segment_images([image], "a cat", tiny_seg_models, progress=False)
+    segment_images([image], "a cat", tiny_seg_models, progress=False, profile=True)
+    assert made == [False, True]
+
+
+def test_settings_reject_out_of_range_values() -> None:
+    for bad, name in [({"box_threshold": 1.3}, "box_threshold"), ({"nms_iou": -0.1}, "nms_iou"),
+                      ({"multimask": "yes"}, "multimask"), ({"max_detections": 0}, "max_detections")]:
+        with pytest.raises(ValueError, match=name):
+            DetectionSettings(**bad)

@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # headless test run
 import numpy as np
 import pytest
 
-from nbhelpers.seg.image import Segmentation
+from nbhelpers.seg.types import Segmentation
 from nbhelpers.seg.render import (
     PALETTE, colorize_instances, instance_color, instance_map, overlay, show, summary_line, union_mask,
 )

@@ -25,11 +25,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import nbhelpers.seg.image as image_module
+import nbhelpers.seg.ui as ui_module
 from nbhelpers.seg import models as seg_models
 from nbhelpers.seg import pipeline
 from nbhelpers.seg.render import overlay
-from nbhelpers.seg.ui import DEFAULTS, SAM_CHECKPOINTS, build_ui, launch_ui, noninteractive_reason, run_once
+from nbhelpers.seg.types import DetectionSettings
+from nbhelpers.seg.ui import SAM_CHECKPOINTS, build_ui, launch_ui, noninteractive_reason, run_once
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK = {"box_threshold": 1.0, "clipseg_threshold": 0.0}  # deterministic: one whole-image region per phrase
@@ -63,13 +64,13 @@ def loader(tiny_seg_model_dirs, small_sam: Path) -> TinyModelsLoader:
 def segment_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Record what reaches segment_image; the real function still runs."""
     calls: list[dict] = []
-    real = image_module.segment_image
+    real = ui_module.segment_image
 
-    def recording_segment_image(image, prompt, models, **settings):
-        calls.append({"image": image.copy(), "prompt": prompt, "models": models, **settings})
-        return real(image, prompt, models, **settings)
+    def recording_segment_image(image, prompt, models, settings):
+        calls.append({"image": image.copy(), "prompt": prompt, "models": models, "settings": settings})
+        return real(image, prompt, models, settings)
 
-    monkeypatch.setattr(image_module, "segment_image", recording_segment_image)
+    monkeypatch.setattr(ui_module, "segment_image", recording_segment_image)
     return calls
 
 
@@ -94,12 +95,12 @@ def test_widget_tree_types_ranges_and_defaults(loader) -> None:
     assert isinstance(ui.prompt, widgets.Text) and isinstance(ui.button, widgets.Button) and isinstance(ui.output, widgets.Output)
     assert ui.button.description == "Segment"
     sliders = {"box_threshold": ui.box_threshold, "text_threshold": ui.text_threshold, "clipseg_threshold": ui.clipseg_threshold}
+    library_defaults = DetectionSettings()  # the one copy of the defaults: the UI must not have its own
     for name, slider in sliders.items():
         assert isinstance(slider, widgets.FloatSlider)
         assert (slider.min, slider.max, slider.step) == (0.0, 1.0, 0.01)
-        assert slider.value == pytest.approx(DEFAULTS[name])
-    assert (ui.box_threshold.value, ui.text_threshold.value, ui.clipseg_threshold.value) == pytest.approx((0.35, 0.25, 0.4))
-    assert (ui.nms_iou, ui.multimask) == (0.5, False)  # same defaults as segment_image
+        assert slider.value == pytest.approx(getattr(library_defaults, name))
+    assert ui.settings == library_defaults and ui.current_settings() == library_defaults
     assert isinstance(ui.sam_size, widgets.Dropdown) and list(ui.sam_size.options) == ["tiny", "small", "base-plus", "large"]
     assert ui.sam_size.value == "tiny"  # same default as nbhelpers.seg.models.DEFAULT_SAM
     assert all(checkpoint == f"facebook/sam2.1-hiera-{size}" for size, checkpoint in SAM_CHECKPOINTS.items())
@@ -111,7 +112,7 @@ def test_defaults_are_applied_and_checked(loader) -> None:
     ui = build_ui(loader, defaults={"prompt": "car.", "box_threshold": 0.5, "sam_size": "large", "image_path": "a.jpg",
                                     "nms_iou": 0.3, "multimask": True})
     assert (ui.prompt.value, ui.box_threshold.value, ui.sam_size.value, ui.path.value) == ("car.", 0.5, "large", "a.jpg")
-    assert (ui.nms_iou, ui.multimask) == (0.3, True)
+    assert (ui.settings.nms_iou, ui.settings.multimask) == (0.3, True)
     for bad, message in [({"box_treshold": 0.5}, "unknown keys"), ({"sam_size": "huge"}, "sam_size"),
                          ({"nms_iou": 1.5}, "nms_iou"), ({"multimask": "yes"}, "multimask")]:
         with pytest.raises(ValueError, match=message):
@@ -123,26 +124,22 @@ def test_defaults_are_applied_and_checked(loader) -> None:
 
 def test_run_once_returns_segmentation_and_overlay(loader, segment_calls, picture) -> None:
     path, rgb = picture
-    seg, drawn = run_once(str(path), " cat. ", 1.0, 0.2, 0.0, "tiny", loader, nms_iou=0.3, multimask=True)
+    settings = DetectionSettings(box_threshold=1.0, text_threshold=0.2, clipseg_threshold=0.0, nms_iou=0.3, multimask=True)
+    seg, drawn = run_once(str(path), " cat. ", "tiny", loader, settings)
     assert loader.loaded == ["facebook/sam2.1-hiera-tiny"]
     (call,) = segment_calls
     assert call["prompt"] == "cat." and np.array_equal(call["image"], rgb)
     assert call["models"].sam.model_id == str(loader.dirs["sam"].resolve())
-    settings = ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "multimask")
-    assert tuple(call[key] for key in settings) == (1.0, 0.2, 0.0, 0.3, True)
+    assert call["settings"] == settings
     assert seg.source == "clipseg-fallback" and seg.labels == ["cat"] and seg.masks.shape == (1, 60, 80)
     assert drawn.dtype == np.uint8 and np.array_equal(drawn, overlay(rgb, seg))  # drawn on the very same pixels
     assert not np.array_equal(drawn, rgb)
 
 
-@pytest.mark.parametrize("prompt,sam_size,settings,message", [
-    ("  ", "tiny", {}, "prompt is empty"), ("cat.", "huge", {}, "SAM size"),
-    ("cat.", "tiny", {"box_threshold": 1.3}, "box_threshold"), ("cat.", "tiny", {"nms_iou": -0.1}, "nms_iou"),
-])
-def test_run_once_rejects_bad_input(loader, segment_calls, picture, prompt, sam_size, settings, message) -> None:
-    arguments = {"box_threshold": 0.3, "text_threshold": 0.25, "clipseg_threshold": 0.4, **settings}
+@pytest.mark.parametrize("prompt,sam_size,message", [("  ", "tiny", "prompt is empty"), ("cat.", "huge", "SAM size")])
+def test_run_once_rejects_bad_input(loader, segment_calls, picture, prompt, sam_size, message) -> None:
     with pytest.raises(ValueError, match=message):
-        run_once(str(picture[0]), prompt, sam_size=sam_size, models_loader=loader, **arguments)
+        run_once(str(picture[0]), prompt, sam_size=sam_size, models_loader=loader)
     assert loader.loaded == [] and segment_calls == []  # nothing heavy started
 
 
@@ -170,7 +167,7 @@ def test_click_shows_figure_saves_real_metadata_and_reuses_models(loader, pictur
     assert saved["models"]["dino_model"] == str(loader.dirs["dino"].resolve())
     assert saved["models"]["sam_backend"] == "transformers:Sam2Model" and saved["models"]["device"] == "cpu"
     assert saved["thresholds"] == {"box_threshold": 1.0, "text_threshold": 0.25, "clipseg_threshold": 0.0,
-                                   "nms_iou": 0.4, "multimask": False}
+                                   "nms_iou": 0.4, "max_detections": None, "multimask": False}
     ui.button.click()  # re-run: output replaced, not appended; models not reloaded
     assert len(_outputs(ui)[0]) == 1 and loader.loaded == ["facebook/sam2.1-hiera-tiny"]
     assert saved["models"]["sam_model"] in _cached_sams()
@@ -246,20 +243,18 @@ def test_pipeline_launch_ui_passes_the_configuration(tiny_seg_model_dirs, segmen
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import IPython.display
 
-    from nbhelpers.seg import ui as ui_module
-
     # No Jupyter kernel can run inside pytest: the rule is told there is one, and display only collects.
     monkeypatch.setattr(ui_module, "noninteractive_reason", lambda: None)
     monkeypatch.setattr(IPython.display, "display", lambda widget: None)
     dirs = tiny_seg_model_dirs
     config = pipeline.SegmentConfig(images=str(picture[0]), prompt="cat.", out_dir=str(tmp_path), dino_model=str(dirs["dino"]),
-                                    sam_model=str(dirs["sam"]), clipseg_model=str(dirs["clipseg"]), nms_iou=0.3,
-                                    multimask=True, device="cpu", **FALLBACK)
+                                    sam_model=str(dirs["sam"]), clipseg_model=str(dirs["clipseg"]),
+                                    detection=DetectionSettings(nms_iou=0.3, multimask=True, **FALLBACK), device="cpu")
     ui = pipeline.launch_ui(config)
     ui.button.click()
     assert _outputs(ui)[2] == ""
     (call,) = segment_calls
-    assert (call["nms_iou"], call["multimask"]) == (0.3, True)
+    assert (call["settings"].nms_iou, call["settings"].multimask) == (0.3, True)
     saved = json.loads((tmp_path / "ui" / "my_photo" / "detections.json").read_text())
     assert saved["models"]["sam_model"] == str(dirs["sam"].resolve())  # the configured local folder, not a hub id
     assert (saved["thresholds"]["nms_iou"], saved["thresholds"]["multimask"]) == (0.3, True)

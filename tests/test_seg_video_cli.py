@@ -8,7 +8,8 @@ from pathlib import Path
 
 import cv2
 
-from nbhelpers.seg.video_export import load_tracks
+from nbhelpers.seg import __main__ as cli
+from nbhelpers.seg.video import load_tracks
 from nbhelpers.testing import make_test_video
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,13 @@ def test_corrupt_video_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path
     assert done.stderr.startswith("error: cannot read") and "ffmpeg -i INPUT -c:v libx264" in done.stderr
 
 
-def test_bad_video_option_exits_2(tiny_seg_model_dirs, tmp_path: Path) -> None:
+def test_bad_video_option_exits_2(tiny_seg_model_dirs, tiny_seg_models, tmp_path: Path, capsys) -> None:
+    # In this process (models already cached by tiny_seg_models): the option reaches segment_video, whose
+    # ValueError must become exit code 2 with one line naming the option.
     clip = make_test_video(tmp_path / "clip.mp4", frames=2, height=48, width=64)
-    done = _run_cli(tiny_seg_model_dirs, str(clip), "--prompt", "a cat", "--out", str(tmp_path / "out"),
-                    "--frame-stride", "0")
-    assert done.returncode == 2 and "frame_stride" in done.stderr
+    dirs = tiny_seg_model_dirs
+    code = cli.main([str(clip), "--prompt", "a cat", "--out", str(tmp_path / "out"), "--frame-stride", "0",
+                     "--dino", str(dirs["dino"]), "--sam", str(dirs["sam"]), "--clipseg", str(dirs["clipseg"]),
+                     "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not load progress
+    assert code == 2 and errors == ["error: frame_stride=0: use 1 (every frame) or more."], errors

@@ -1,6 +1,7 @@
 """Streaming video I/O: probe, frame iteration, the MP4 writer, and the two helper threads."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -9,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from nbhelpers.seg.overlap import OrderedWorker, prefetch
-from nbhelpers.seg.video_io import VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video import io as video_io
+from nbhelpers.seg.video.io import VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video.overlap import OrderedWorker, prefetch
 from nbhelpers.testing import make_test_frame, make_test_video
 
 
@@ -39,6 +41,56 @@ def test_writer_keeps_odd_sizes_by_padding_and_replaces_only_when_complete(tmp_p
     ok, decoded = capture.read()
     assert ok and writer.codec == "h264" and decoded.shape == (50, 66, 3)  # one padded row and column
     assert np.abs(decoded[:49, :65, ::-1].astype(int) - frame).mean() < 6  # the picture is not rescaled
+
+
+class _UnopenableCapture:
+    """cv2.VideoCapture for a build that cannot decode the file: nothing opens, nothing reads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def isOpened(self) -> bool:
+        return False
+
+    def read(self):
+        return False, None
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        pass
+
+
+def test_ffmpeg_probe_and_read_when_opencv_cannot_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = make_test_video(tmp_path / "clip.mp4", frames=10, height=48, width=64, fps=10.0)
+    info = probe_video(clip)
+    reference = dict(iter_frames(info))  # OpenCV's decoding of the same file
+    monkeypatch.setattr(video_io.cv2, "VideoCapture", _UnopenableCapture)
+    info = probe_video(clip)
+    assert (info.reader, info.width, info.height, info.fps, info.frame_count) == ("ffmpeg", 64, 48, 10.0, 10)
+    frames = list(iter_frames(info, stride=3, max_frames=3))
+    assert [index for index, _ in frames] == [0, 3, 6]
+    for index, frame in frames:
+        assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
+        # same pixels as OpenCV's decode, up to the two decoders' colour conversion
+        assert np.abs(frame.astype(np.int16) - reference[index]).mean() < 3
+
+
+def test_writer_falls_back_to_mp4v_without_the_h264_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` now raises ImportError
+    target = tmp_path / "out.mp4"
+    with pytest.warns(UserWarning, match="writing mp4v"):
+        writer = VideoWriter(target, 64, 48, 8.0)
+    with writer:
+        for index in range(4):
+            writer.write(make_test_frame(index, 48, 64))
+    assert writer.codec == "mp4v" and writer.frames_written == 4
+    capture = cv2.VideoCapture(str(target))
+    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("ascii", "replace")
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    capture.release()
+    assert fourcc.lower() in ("mp4v", "fmp4") and count == 4  # MPEG-4 part 2 (FFmpeg reads the tag as FMP4), not H.264 and not list(tmp_path.glob(".out.partial*"))
 
 
 def test_prefetch_keeps_order_raises_errors_and_closes_the_source() -> None:

@@ -18,6 +18,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from nbhelpers.seg.types import DetectionSettings
+
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -37,15 +39,20 @@ def _threshold(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM
 
+    defaults = DetectionSettings()
     parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
                      "(CLIPSeg fallback) for an image or every image of a folder.")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images")
     parser.add_argument("--prompt", required=True, help='objects to find, e.g. "a cat. a remote" or "cat, dog"')
     parser.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per image)")
-    parser.add_argument("--box-threshold", type=_threshold, default=0.35, help="GroundingDINO box score minimum")
-    parser.add_argument("--text-threshold", type=_threshold, default=0.25, help="GroundingDINO phrase score minimum")
-    parser.add_argument("--clipseg-threshold", type=_threshold, default=0.4, help="CLIPSeg fallback probability cut")
-    parser.add_argument("--nms-iou", type=_threshold, default=0.5, help="per-label NMS overlap limit")
+    parser.add_argument("--box-threshold", type=_threshold, default=defaults.box_threshold,
+                        help="GroundingDINO box score minimum (default %(default)s)")
+    parser.add_argument("--text-threshold", type=_threshold, default=defaults.text_threshold,
+                        help="GroundingDINO phrase score minimum (default %(default)s)")
+    parser.add_argument("--clipseg-threshold", type=_threshold, default=defaults.clipseg_threshold,
+                        help="CLIPSeg fallback probability cut (default %(default)s)")
+    parser.add_argument("--nms-iou", type=_threshold, default=defaults.nms_iou,
+                        help="per-label NMS overlap limit (default %(default)s)")
     parser.add_argument("--multimask", action="store_true", help="SAM: best of three masks per box")
     parser.add_argument("--dino", default=DEFAULT_DINO, help="GroundingDINO hub id, 'tiny'/'base' or local folder")
     parser.add_argument("--sam", default=DEFAULT_SAM, help="SAM 2.1 hub id, tiny/small/base-plus/large or folder")
@@ -70,9 +77,9 @@ class BadInput(Exception):
 def _prepare(args: argparse.Namespace):
     """Check the inputs cheaply first, then load the models; any problem here is the user's to fix."""
     from nbhelpers.platform import ensure_writable_dir, select_runtime
-    from nbhelpers.seg.image import IMAGE_EXTENSIONS, list_image_files, normalize_prompt
+    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, list_image_files, normalize_prompt
     from nbhelpers.seg.models import ModelLoadError, load_models, resolve_model_source
-    from nbhelpers.seg.video_io import is_video_file, probe_video
+    from nbhelpers.seg.video import is_video_file, probe_video
 
     try:
         source = Path(args.images).expanduser()
@@ -96,14 +103,18 @@ def _prepare(args: argparse.Namespace):
     return source, models
 
 
+def _settings(args: argparse.Namespace) -> DetectionSettings:
+    return DetectionSettings(box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+                             clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, multimask=args.multimask)
+
+
 def run_video(args: argparse.Namespace, source: Path, models) -> int:
     """Segment a video into --out; returns the exit code."""
     from nbhelpers.seg.video import VideoOutOfMemoryError, segment_video
 
     try:
         result = segment_video(
-            source, args.prompt, models, args.out, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
-            clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, frame_stride=args.frame_stride,
+            source, args.prompt, models, args.out, settings=_settings(args), frame_stride=args.frame_stride,
             max_frames=args.max_frames, redetect_every=args.redetect_every, max_objects=args.max_objects,
             save_id_maps=args.id_maps, save_masks=args.save_masks, offload_frames=args.offload,
             offload_state=args.offload)
@@ -116,16 +127,14 @@ def run_video(args: argparse.Namespace, source: Path, models) -> int:
 def run(args: argparse.Namespace) -> int:
     """Segment and save every image (or the video); returns the exit code."""
     from nbhelpers.seg import pipeline
-    from nbhelpers.seg.video_io import is_video_file
+    from nbhelpers.seg.video import is_video_file
 
     source, models = _prepare(args)
     if is_video_file(source):
         return run_video(args, source, models)
     config = pipeline.SegmentConfig(
         images=str(source), prompt=args.prompt, out_dir=str(args.out), dino_model=args.dino, sam_model=args.sam,
-        clipseg_model=args.clipseg, box_threshold=args.box_threshold, text_threshold=args.text_threshold,
-        clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, multimask=args.multimask,
-        batch_size=args.batch_size, device=args.device,
+        clipseg_model=args.clipseg, detection=_settings(args), batch_size=args.batch_size, device=args.device,
     )
     unreadable: list[str] = []
 

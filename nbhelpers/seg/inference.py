@@ -1,7 +1,6 @@
 """Run the loaded GroundingDINO, SAM 2.1 and CLIPSeg models on images (loading: nbhelpers.seg.models)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,21 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nbhelpers.seg.models import LoadedModel
+from nbhelpers.seg.types import Detections
 
 # ----------------------------------------------------------------------------- running the models
 
 # Upsampling SAM's low-resolution logits to the original size is done in chunks of boxes so that the float
 # intermediate stays under this many bytes even for 50-megapixel photos with many boxes.
 MAX_UPSAMPLE_BYTES = 256 * 2**20
-
-
-@dataclass
-class Detections:
-    """GroundingDINO boxes for one image, before NMS."""
-
-    boxes: np.ndarray  # (N, 4) float32 xyxy in original-image pixels, clipped to the image
-    scores: np.ndarray  # (N,) float32 box confidence (max token probability)
-    phrase_index: np.ndarray  # (N,) int64 index into the prompt's phrases
 
 
 def phrase_token_map(input_ids: list[int], tokenizer) -> np.ndarray:

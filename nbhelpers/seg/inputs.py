@@ -103,8 +103,15 @@ def normalize_prompt(prompt: str | Sequence[str]) -> str:
     return ". ".join(prompt_phrases(prompt)) + "."
 
 
-def _fit_phrases(phrases: list[str], tokenizer, max_tokens: int) -> list[str]:
-    """Drop trailing phrases (or words) until the prompt fits the text encoder; warn when anything is cut."""
+def fit_phrases(phrases: list[str], tokenizer, max_tokens: int) -> list[str]:
+    """Drop trailing phrases (or words) until the prompt fits the text encoder; warn when anything is cut.
+
+    Args:
+        phrases: from `prompt_phrases`. tokenizer: the text encoder's (a transformers tokenizer).
+        max_tokens: most tokens the encoder reads, special tokens included.
+    Returns:
+        The leading phrases that fit (at least the first phrase's leading words).
+    """
     def token_count(candidate: list[str]) -> int:
         # tokenize() does not warn about over-long inputs the way __call__ does
         return len(tokenizer.tokenize(normalize_prompt(candidate))) + tokenizer.num_special_tokens_to_add()

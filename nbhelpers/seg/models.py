@@ -272,9 +272,3 @@ def release(kind: str, keep: LoadedModel | None = None) -> int:
     if on_cuda:
         torch.cuda.empty_cache()
     return len(dropped)
-
-
-def clear_model_cache() -> None:
-    """Forget every loaded model and return freed GPU memory (once no caller holds them); same path as `release`."""
-    for kind in EXPECTED_MODEL_TYPE:
-        release(kind)

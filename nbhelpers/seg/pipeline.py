@@ -5,13 +5,21 @@ Shared by the Q2 notebook and `python -m nbhelpers.seg`, so both write the same 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
+from html import escape
 from pathlib import Path
 from typing import Callable
 
 from nbhelpers.platform import ensure_writable_dir, resolve_paths
-from nbhelpers.seg.image import Segmentation, iter_segmentations
+from nbhelpers.seg import ui
+from nbhelpers.seg.export import save_outputs
+from nbhelpers.seg.image import iter_segmentations
+from nbhelpers.seg.inputs import load_image
 from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
+from nbhelpers.seg.render import show_overlay
+from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation
+from nbhelpers.seg.video import segment_video
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
 SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "assets" / "sample_clip.mp4"
@@ -25,11 +33,7 @@ class SegmentConfig:
     dino_model: str = DEFAULT_DINO  # GroundingDINO hub id, 'tiny' / 'base', or a local folder
     sam_model: str = DEFAULT_SAM  # SAM 2.1 hub id, 'tiny' / 'small' / 'base-plus' / 'large', or a local folder
     clipseg_model: str = DEFAULT_CLIPSEG  # CLIPSeg hub id or a local folder
-    box_threshold: float = 0.35  # GroundingDINO box score minimum (higher = fewer, surer boxes)
-    text_threshold: float = 0.25  # GroundingDINO phrase score minimum
-    clipseg_threshold: float = 0.4  # CLIPSeg probability above which fallback regions are taken
-    nms_iou: float = 0.5  # boxes of one label overlapping more than this are merged
-    multimask: bool = False  # SAM predicts three masks per box and keeps the best by predicted IoU
+    detection: DetectionSettings = field(default_factory=DetectionSettings)  # thresholds, NMS, box cap, multimask
     batch_size: int = 4  # images per forward pass
     device: str | None = None  # None = auto (cuda > mps > cpu)
     # video (segment_video)
@@ -42,10 +46,6 @@ class SegmentConfig:
     save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
     save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
     offload_video: bool = False  # keep frames and SAM 2 state on the CPU (less GPU memory, slower)
-
-    def thresholds(self) -> dict[str, float | bool]:
-        keys = ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "multimask")
-        return {key: value for key, value in asdict(self).items() if key in keys}
 
     def image_source(self) -> Path:
         return Path(self.images).expanduser() if self.images else SAMPLE_IMAGE
@@ -93,16 +93,14 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
     Returns:
         One SavedResult per image, in input order.
     """
-    from nbhelpers.seg.export import save_outputs
-
     source = config.image_source()
     out_dir = ensure_writable_dir(config.output_dir(), "OUT_DIR")
     models = models or load_configured_models(config)
     results, used = [], set()
-    for name, image, segmentation in iter_segmentations(source, config.prompt, models, **config.thresholds(),
+    for name, image, segmentation in iter_segmentations(source, config.prompt, models, config.detection,
                                                         batch_size=config.batch_size, on_unreadable=on_unreadable):
         folder = output_folder(out_dir, name, used)
-        metadata = {"models": models.describe(), "thresholds": config.thresholds(),
+        metadata = {"models": models.describe(), "thresholds": config.detection.as_dict(),
                     "source_file": str(source / name if source.is_dir() else source)}
         files = save_outputs(image, segmentation, folder, metadata)
         if verbose:
@@ -117,9 +115,6 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    from nbhelpers.seg.image import load_image
-    from nbhelpers.seg.render import show_overlay
-
     for result in results[:max_images]:
         figure = show_overlay(load_image(result.files["overlay"]), result.segmentation, title=result.name)
         display(figure)
@@ -131,20 +126,18 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
 # ----------------------------------------------------------------------------- video
 
 
-def run_video(config: SegmentConfig, models: SegmentationModels | None = None, verbose: bool = True):
+def run_video(config: SegmentConfig, models: SegmentationModels | None = None, verbose: bool = True
+              ) -> VideoSegmentation:
     """Segment the configured video into OUT_DIR/video/<video stem>/ (video_overlay.mp4, tracks.json[, id_maps/]).
 
     Returns:
-        nbhelpers.seg.video.VideoSegmentation.
+        VideoSegmentation.
     """
-    from nbhelpers.seg.video import segment_video
-
     source = config.video_source()
     models = models or load_configured_models(config)
     result = segment_video(
         source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
-        **{key: value for key, value in config.thresholds().items() if key != "multimask"},
-        frame_stride=config.frame_stride, max_frames=config.max_frames, redetect_every=config.redetect_every,
+        settings=config.detection, frame_stride=config.frame_stride, max_frames=config.max_frames, redetect_every=config.redetect_every,
         max_objects=config.max_objects, save_id_maps=config.save_id_maps, save_masks=config.save_masks,
         offload_frames=config.offload_video, offload_state=config.offload_video)
     if verbose:
@@ -152,10 +145,8 @@ def run_video(config: SegmentConfig, models: SegmentationModels | None = None, v
     return result
 
 
-def show_video(result, max_embed_mb: float = 25.0) -> None:
+def show_video(result: VideoSegmentation, max_embed_mb: float = 25.0) -> None:
     """Play the overlay inline (embedded when small enough) and list the tracked objects."""
-    from html import escape
-
     from IPython.display import HTML, Video, display
 
     path = result.files["overlay"]
@@ -178,30 +169,21 @@ def show_video(result, max_embed_mb: float = 25.0) -> None:
 
 def _configured_sam_size(config: SegmentConfig) -> str:
     """The UI dropdown entry standing for the configured SAM model (a hub id, short name or folder name)."""
-    from nbhelpers.seg.ui import SAM_CHECKPOINTS
-
     name = str(config.sam_model).rstrip("/").lower()
-    for size in sorted(SAM_CHECKPOINTS, key=len, reverse=True):  # 'base-plus' before shorter names
-        if name == size or name.endswith(f"hiera-{size}") or name == SAM_CHECKPOINTS[size]:
+    for size in sorted(ui.SAM_CHECKPOINTS, key=len, reverse=True):  # 'base-plus' before shorter names
+        if name == size or name.endswith(f"hiera-{size}") or name == ui.SAM_CHECKPOINTS[size]:
             return size
     return "tiny"
 
 
 def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels:
-    from nbhelpers.seg.ui import SAM_CHECKPOINTS
-
     # The configured SAM (maybe a local folder on offline Kaggle) stands for its own dropdown entry.
-    sam = config.sam_model if sam_checkpoint == SAM_CHECKPOINTS[_configured_sam_size(config)] else sam_checkpoint
+    sam = config.sam_model if sam_checkpoint == ui.SAM_CHECKPOINTS[_configured_sam_size(config)] else sam_checkpoint
     return load_models(config.dino_model, sam, config.clipseg_model, device=config.device)
 
 
 def launch_ui(config: SegmentConfig):
     """Widgets (upload, prompt, thresholds, SAM size, run button) preset from `config`; None when headless."""
-    from functools import partial
-
-    from nbhelpers.seg import ui
-
-    defaults = {"image_path": str(config.image_source()), "prompt": config.prompt, "box_threshold": config.box_threshold,
-                "text_threshold": config.text_threshold, "clipseg_threshold": config.clipseg_threshold,
-                "sam_size": _configured_sam_size(config), "nms_iou": config.nms_iou, "multimask": config.multimask}
+    defaults = {"image_path": str(config.image_source()), "prompt": config.prompt,
+                "sam_size": _configured_sam_size(config)} | config.detection.as_dict()
     return ui.launch_ui(partial(_load_for_ui, config), defaults, config.output_dir() / "ui")

@@ -5,13 +5,12 @@ Everything here works on RGB uint8 arrays at the original resolution. matplotlib
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:  # image.py imports torch and the models; drawing and saving need neither
-    from nbhelpers.seg.image import Segmentation
+from nbhelpers.seg.types import Segmentation
 
 # ----------------------------------------------------------------------------- palette + checks
 
@@ -32,7 +31,7 @@ def _check_image(image_rgb: np.ndarray, seg: Segmentation) -> np.ndarray:
     """Return the image as (H, W, 3) uint8 (grey and RGBA accepted); raise if it does not match `seg`."""
     image = np.asarray(image_rgb)
     if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 RGB, got dtype {image.dtype}. Load it with nbhelpers.seg.image.load_image.")
+        raise ValueError(f"image must be uint8 RGB, got dtype {image.dtype}. Load it with nbhelpers.seg.inputs.load_image.")
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     elif image.ndim == 3 and image.shape[2] == 4:

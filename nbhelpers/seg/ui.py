@@ -7,7 +7,7 @@ returns None when:
   * the kernel's current request came with allow_stdin=False. papermill (2.x sets no environment variable
     of its own) and `jupyter nbconvert --execute` run cells through nbclient, which always sends
     allow_stdin=False; JupyterLab, Notebook, Colab and VS Code send True because they can answer input().
-The models and the pipeline are imported only when "Segment" is clicked, so this module imports cheaply.
+The models are loaded only when "Segment" is first clicked.
 """
 from __future__ import annotations
 
@@ -15,14 +15,19 @@ import base64
 import io
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-if TYPE_CHECKING:  # image.py imports torch and the models; this module needs neither at import
-    from nbhelpers.seg.image import Segmentation
+from nbhelpers.seg.export import save_outputs
+from nbhelpers.seg.image import segment_image
+from nbhelpers.seg.inputs import load_image
+from nbhelpers.seg.models import load_models, release
+from nbhelpers.seg.render import overlay, show_overlay, summary_line
+from nbhelpers.seg.types import DetectionSettings, Segmentation
 
 SAM_CHECKPOINTS = {
     "tiny": "facebook/sam2.1-hiera-tiny",
@@ -30,11 +35,10 @@ SAM_CHECKPOINTS = {
     "base-plus": "facebook/sam2.1-hiera-base-plus",
     "large": "facebook/sam2.1-hiera-large",
 }
-DEFAULTS: dict[str, Any] = {
-    "image_path": "", "prompt": "", "box_threshold": 0.35, "text_threshold": 0.25,
-    "clipseg_threshold": 0.4, "sam_size": "tiny",
-    "nms_iou": 0.5, "multimask": False,  # no widgets: passed through from the configuration to segment_image
-}
+SETTING_NAMES = tuple(setting.name for setting in fields(DetectionSettings))
+# Sliders for the three thresholds; the other DetectionSettings (nms_iou, max_detections, multimask) have no widget
+# and are passed through from the configuration to segment_image.
+DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", **DetectionSettings().as_dict()}
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
 ModelsLoader = Callable[[str], Any]  # SAM checkpoint id -> nbhelpers.seg.models.SegmentationModels
 
@@ -60,56 +64,37 @@ def noninteractive_reason() -> str | None:
 # ----------------------------------------------------------------------------- pipeline (no widgets)
 
 
-def run_once(
-    image: Any, prompt: str, box_threshold: float, text_threshold: float, clipseg_threshold: float,
-    sam_size: str, models_loader: ModelsLoader, nms_iou: float = 0.5, multimask: bool = False,
-) -> tuple[Segmentation, np.ndarray]:
+def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader,
+             settings: DetectionSettings = DetectionSettings()) -> tuple[Segmentation, np.ndarray]:
     """One "Segment" click without a browser: load the image and models, segment, draw.
 
     Args:
         image: a path or an RGB array (anything `load_image` accepts).
         prompt: what to segment, e.g. "cat. dog.".
-        box_threshold, text_threshold, clipseg_threshold, nms_iou: in [0, 1], passed to `segment_image`.
         sam_size: one of SAM_CHECKPOINTS ("tiny", "small", "base-plus", "large").
-        models_loader: SAM checkpoint id -> SegmentationModels. multimask: passed to `segment_image`.
+        models_loader: SAM checkpoint id -> SegmentationModels.
+        settings: passed to `segment_image`.
     Returns:
         (Segmentation, overlay as (H, W, 3) uint8 RGB).
     """
-    settings = {"box_threshold": box_threshold, "text_threshold": text_threshold,
-                "clipseg_threshold": clipseg_threshold, "nms_iou": nms_iou, "multimask": multimask}
     return _segment(image, prompt, settings, sam_size, models_loader)[:2]
 
 
-def _check_settings(settings: dict[str, Any]) -> None:
-    """Thresholds and nms_iou in [0, 1], multimask a bool."""
-    for name, value in settings.items():
-        if name == "multimask" and not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"multimask={value!r} must be True or False.")
-        if name != "multimask" and not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name}={value} must be in [0, 1].")
-
-
-def _segment(image: Any, prompt: str, settings: dict[str, Any], sam_size: str,
+def _segment(image: Any, prompt: str, settings: DetectionSettings, sam_size: str,
              models_loader: ModelsLoader) -> tuple[Segmentation, np.ndarray, Any]:
     """run_once's work; also returns the models used, so the saved metadata can name them."""
-    from nbhelpers.seg.image import load_image, segment_image  # lazily: pulls in the model stack
-    from nbhelpers.seg.render import overlay
-
     if not prompt or not prompt.strip():  # bad input is rejected before anything heavy starts
         raise ValueError("The prompt is empty: type what to segment, e.g. 'cat. dog.'.")
     if sam_size not in SAM_CHECKPOINTS:
         raise ValueError(f"SAM size {sam_size!r} is not one of {list(SAM_CHECKPOINTS)}.")
-    _check_settings(settings)
     image_rgb = load_image(image)
     models = models_loader(SAM_CHECKPOINTS[sam_size])
-    seg = segment_image(image_rgb, prompt.strip(), models, **settings)
+    seg = segment_image(image_rgb, prompt.strip(), models, settings=settings)
     return seg, overlay(image_rgb, seg), models
 
 
 def default_models_loader(sam_checkpoint: str) -> Any:
     """Load GroundingDINO + the chosen SAM 2.1 + CLIPSeg with nbhelpers.seg.models defaults."""
-    from nbhelpers.seg.models import load_models
-
     return load_models(sam=sam_checkpoint)
 
 
@@ -122,7 +107,6 @@ def _keep_last_loaded(loader: ModelsLoader) -> ModelsLoader:
     def load(sam_checkpoint: str) -> Any:
         if sam_checkpoint not in cache:
             if cache:
-                from nbhelpers.seg.models import release
                 cache.clear()
                 release("sam2")
             cache[sam_checkpoint] = loader(sam_checkpoint)
@@ -148,8 +132,12 @@ class SegmentationUI:
     button: Any
     output: Any
     container: Any
-    nms_iou: float = DEFAULTS["nms_iou"]  # not widgets: set from the defaults
-    multimask: bool = DEFAULTS["multimask"]
+    settings: DetectionSettings = DetectionSettings()  # the settings without a widget come from here
+
+    def current_settings(self) -> DetectionSettings:
+        """`settings` with the sliders' thresholds; raises ValueError for a value out of range."""
+        return replace(self.settings, box_threshold=self.box_threshold.value, text_threshold=self.text_threshold.value,
+                       clipseg_threshold=self.clipseg_threshold.value)
 
     def __repr__(self) -> str:
         return f"SegmentationUI(prompt={self.prompt.value!r}, sam_size={self.sam_size.value!r})"
@@ -172,19 +160,18 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     values = {**DEFAULTS, **(defaults or {})}
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
-    _check_settings({key: values[key] for key in ("nms_iou", "multimask")})
+    settings = DetectionSettings(**{name: values[name] for name in SETTING_NAMES})  # checks every value
     wide = {"description_width": "initial"}
     ui = SegmentationUI(
         upload=widgets.FileUpload(accept="image/*", multiple=False, description="Upload image"),
         path=widgets.Text(value=str(values["image_path"]), description="or image path", placeholder="/path/to/image.jpg", style=wide),
         prompt=widgets.Text(value=values["prompt"], description="Prompt", placeholder="cat. dog.", style=wide),
-        box_threshold=_slider(widgets, "box threshold", values["box_threshold"]),
-        text_threshold=_slider(widgets, "text threshold", values["text_threshold"]),
-        clipseg_threshold=_slider(widgets, "CLIPSeg threshold", values["clipseg_threshold"]),
+        box_threshold=_slider(widgets, "box threshold", settings.box_threshold),
+        text_threshold=_slider(widgets, "text threshold", settings.text_threshold),
+        clipseg_threshold=_slider(widgets, "CLIPSeg threshold", settings.clipseg_threshold),
         sam_size=widgets.Dropdown(options=list(SAM_CHECKPOINTS), value=values["sam_size"], description="SAM 2.1 size", style=wide),
         button=widgets.Button(description="Segment", button_style="primary", icon="search"),
-        output=widgets.Output(), container=None,
-        nms_iou=float(values["nms_iou"]), multimask=bool(values["multimask"]),
+        output=widgets.Output(), container=None, settings=settings,
     )
     ui.container = widgets.VBox([
         widgets.HBox([ui.upload, ui.path]), ui.prompt,
@@ -204,7 +191,7 @@ def launch_ui(
     Args:
         models_loader: SAM checkpoint id -> SegmentationModels; default `nbhelpers.seg.models.load_models(sam=...)`.
             Loaded models are reused between clicks.
-        defaults: initial widget values and the nms_iou / multimask passed to segment_image; keys of DEFAULTS.
+        defaults: initial widget values and the DetectionSettings passed to segment_image; keys of DEFAULTS.
         out_dir: if given, each result is also saved to out_dir/<image name>/ with `save_outputs`.
     Returns:
         The SegmentationUI, or None (after a one-line note) when no live Jupyter frontend is attached.
@@ -229,10 +216,6 @@ def _read_image_input(ui: SegmentationUI) -> tuple[Any, str]:
     value = ui.upload.value
     uploads = list(value.values()) if isinstance(value, dict) else list(value)  # ipywidgets 7: dict, 8: tuple
     if uploads:
-        from PIL import Image, UnidentifiedImageError
-
-        from nbhelpers.seg.inputs import load_image  # no torch needed to decode
-
         upload = uploads[-1]
         name = upload.get("name") or upload.get("metadata", {}).get("name", "upload")
         try:
@@ -267,16 +250,12 @@ def _show(output: Any, png: bytes | None = None, text: str = "", stream: str = "
 
 def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
     """What "Segment" does: run the pipeline and show the figure and a summary, or the error as one message."""
-    from nbhelpers.seg.image import load_image
-    from nbhelpers.seg.render import show_overlay, summary_line
-
     ui.button.disabled = True
     _show(ui.output, text="Segmenting... (the first click also loads the models)")
     try:
         image, name = _read_image_input(ui)
         image_rgb = load_image(image)  # once here, so the saved overlay uses the very same pixels
-        settings = {"box_threshold": ui.box_threshold.value, "text_threshold": ui.text_threshold.value,
-                    "clipseg_threshold": ui.clipseg_threshold.value, "nms_iou": ui.nms_iou, "multimask": ui.multimask}
+        settings = ui.current_settings()
         seg, overlay_rgb, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value, models_loader)
         summary = summary_line(seg)
         if out_dir is not None:
@@ -296,13 +275,11 @@ def _describe(models: Any, sam_size: str) -> dict[str, str]:
     return describe() if callable(describe) else {"sam_size": sam_size}
 
 
-def _save(image_rgb: np.ndarray, seg: Segmentation, out_dir: Path, name: str, settings: dict,
+def _save(image_rgb: np.ndarray, seg: Segmentation, out_dir: Path, name: str, settings: DetectionSettings,
           models_info: dict) -> str:
     """save_outputs into out_dir/<image name>/; returns a line saying where, or why not."""
-    from nbhelpers.seg.export import save_outputs
-
     folder = out_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem) or "image")
-    metadata = {"models": models_info, "thresholds": settings, "source_file": name}
+    metadata = {"models": models_info, "thresholds": settings.as_dict(), "source_file": name}
     try:
         paths = save_outputs(image_rgb, seg, folder, metadata)
     except Exception as error:  # the result is still shown; only the files are missing

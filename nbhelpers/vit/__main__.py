@@ -9,7 +9,7 @@ import argparse
 import ast
 import sys
 
-from nbhelpers.vit import distributed
+from nbhelpers import distributed
 from nbhelpers.vit.checkpoint import CheckpointError
 from nbhelpers.vit.config import PRESETS, build_config, read_config_file
 from nbhelpers.vit.train import fit

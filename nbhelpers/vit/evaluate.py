@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbhelpers.platform import Runtime
-from nbhelpers.vit import distributed
+from nbhelpers import distributed
 from nbhelpers.vit.augment import normalize
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits

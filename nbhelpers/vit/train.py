@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nbhelpers.platform import Runtime, ensure_writable_dir, resolve_paths, select_runtime
-from nbhelpers.vit import distributed, report
+from nbhelpers import distributed
+from nbhelpers.vit import report
 from nbhelpers.vit.augment import GpuAugment
 from nbhelpers.vit.checkpoint import link_or_copy, restore_or_start, save_best, save_last
 from nbhelpers.vit.config import Config

@@ -1,4 +1,4 @@
-"""Several processes under `torchrun`: process-group set-up, rank helpers, sharding and reductions.
+"""Several processes under `torchrun`: process-group set-up, rank helpers, sharding and reductions (vit and seg).
 
 Everything here is a no-op in a single process (no torchrun, WORLD_SIZE unset or 1), so the training code calls
 these helpers unconditionally. The engine is torch.distributed: NCCL between GPUs, gloo on CPUs.

@@ -9,21 +9,11 @@ new frame by how many it holds, which pruning changes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from nbhelpers.seg.models import LoadedModel
-
-
-@dataclass
-class FrameMasks:
-    """SAM 2's result for one frame."""
-
-    object_ids: list[int]  # in the session's order (the order objects were added)
-    masks: np.ndarray  # (N, H, W) bool at the video's resolution; all False where the object is not visible
-    object_scores: np.ndarray  # (N,) float32 SAM 2 object-presence logits (> 0: visible)
+from nbhelpers.seg.types import FrameMasks
 
 
 class StreamingTracker:

@@ -1,7 +1,7 @@
 """Text-prompted video segmentation: detect the prompt's objects, follow them with SAM 2, re-detect new ones.
 
 Frames stream from disk one at a time; the overlay MP4 is written as frames come; SAM 2's state is pruned to
-its memory window (nbhelpers.seg.tracking), so memory stays flat however long the video is.
+its memory window (nbhelpers.seg.video.tracking), so memory stays flat however long the video is.
 
     models = load_models(device=...)
     result = segment_video("clip.mp4", "a person. a dog", models, out_dir="outputs/q2_video", redetect_every=15)
@@ -11,63 +11,32 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
-from nbhelpers.platform import ensure_writable_dir
-from nbhelpers.seg.detection import Detector, text_detector
-from nbhelpers.seg.image import Segmentation
+from nbhelpers.platform import ensure_writable_dir, select_runtime
+from nbhelpers.seg.backends import as_backend
+from nbhelpers.seg.export import encode_masks
 from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_video
-from nbhelpers.seg.overlap import OrderedWorker, prefetch
 from nbhelpers.seg.render import overlay
-from nbhelpers.seg.tracking import FrameMasks, StreamingTracker
-from nbhelpers.seg.video_export import OVERLAY_FILE, TRACKS_FILE, IdMapWriter, Track, write_tracks
-from nbhelpers.seg.video_io import VideoInfo, VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.types import DetectionSettings, FrameDetections, FrameMasks, Segmentation, Track, VideoSegmentation
+from nbhelpers.seg.video.export import OVERLAY_FILE, TRACKS_FILE, IdMapWriter, write_tracks
+from nbhelpers.seg.video.io import VideoInfo, VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video.overlap import OrderedWorker, prefetch
+from nbhelpers.seg.video.tracking import StreamingTracker
+
+Detector = Callable[[np.ndarray], FrameDetections]  # frame RGB (H, W, 3) uint8 -> the objects on it
 
 
 class VideoOutOfMemoryError(RuntimeError):
     """The GPU ran out of memory even with frames and SAM 2 state offloaded to the CPU."""
-
-
-# ----------------------------------------------------------------------------- result
-
-
-@dataclass
-class VideoSegmentation:
-    """What `segment_video` found and wrote."""
-
-    video: str  # source file name
-    prompt: str
-    frames: int  # frames processed and written (source frames / stride, capped by max_frames)
-    size: tuple[int, int]  # (H, W)
-    source_fps: float
-    output_fps: float  # source_fps / frame_stride: the overlay lasts as long as the source
-    tracks: list[Track]
-    seed_frame: int | None  # first frame with a detection; None: nothing found anywhere
-    codec: str  # overlay codec: "h264" or "mp4v"
-    message: str
-    files: dict[str, Path] = field(default_factory=dict)
-    seconds: float = 0.0  # wall time of the frame loop
-    peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated during the loop; None off CUDA
-    frames_held_peak: int = 0  # most frames SAM 2's session held at once (bounded by its memory window)
-    offload_frames: bool = False  # preprocessed frames were kept on the CPU
-    offload_state: bool = False  # SAM 2's memory features were kept on the CPU
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        objects = ", ".join(f"#{track.object_id} {track.label}" for track in self.tracks) or "no objects"
-        return (f"{self.video}: {self.frames} frames at {self.frames_per_second:.1f} frames/s, {objects}; "
-                f"overlay {self.codec}. {self.message}")
 
 
 # ----------------------------------------------------------------------------- the frame loop
@@ -124,7 +93,7 @@ class _VideoRun:
         result = self.tracker.track(frame, frame_rgb)
         masks = dict(zip(result.object_ids, result.masks))
         for object_id, track in self.tracks.items():
-            track.record(frame, masks.get(object_id), self.options.save_masks)
+            track.record(frame, masks.get(object_id), _encode_mask if self.options.save_masks else None)
         return result
 
     def drawing(self, frame: int, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
@@ -140,6 +109,10 @@ class _VideoRun:
         seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in tracks], result.masks[visible],
                            np.full(len(ids), np.nan, np.float32), "sam2-video", (self.info.height, self.info.width), "")
         return seg, [object_id - 1 for object_id in ids]
+
+
+def _encode_mask(mask: np.ndarray) -> dict:
+    return encode_masks(mask[None])[0]
 
 
 def _write_frame(writer: VideoWriter, id_maps: IdMapWriter | None, frame: int, frame_rgb: np.ndarray,
@@ -213,6 +186,13 @@ def _check_options(frame_stride: int, max_frames: int | None, redetect_every: in
             raise ValueError(message)
 
 
+def _text_detector(models: SegmentationModels, phrases: list[str], settings: DetectionSettings) -> Detector:
+    """The backend's detection (GroundingDINO, else CLIPSeg regions' boxes for the default one) as a Detector."""
+    backend = as_backend(models)
+    fitted = backend.fit_phrases(phrases)
+    return lambda frame_rgb: backend.detect(frame_rgb, fitted, settings)
+
+
 def _free_cuda_memory() -> None:
     import gc
 
@@ -222,9 +202,8 @@ def _free_cuda_memory() -> None:
 
 
 def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models: SegmentationModels,
-                  out_dir: str | os.PathLike, sam_video: LoadedModel | None = None, box_threshold: float = 0.35,
-                  text_threshold: float = 0.25, clipseg_threshold: float = 0.4, nms_iou: float = 0.5,
-                  frame_stride: int = 1, max_frames: int | None = None, redetect_every: int = 0,
+                  out_dir: str | os.PathLike, sam_video: LoadedModel | None = None,
+                  settings: DetectionSettings = DetectionSettings(), frame_stride: int = 1, max_frames: int | None = None, redetect_every: int = 0,
                   new_object_iou: float = 0.3, max_objects: int = 20, save_id_maps: bool = False,
                   save_masks: bool = False, offload_frames: bool = False, offload_state: bool = False, alpha: float = 0.5,
                   detector: Detector | None = None, progress: bool = True) -> VideoSegmentation:
@@ -234,7 +213,7 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
         video: a video file. prompt: "a person. a dog", "cat, dog" or a list of phrases.
         models: from load_models (GroundingDINO and CLIPSeg detect; SAM 2 comes from `sam_video`).
         out_dir: output folder (created). sam_video: from load_sam2_video; None = the checkpoint of models.sam.
-        box_threshold, text_threshold, clipseg_threshold, nms_iou: detection settings, as for images.
+        settings: detection settings, as for images (multimask does not apply: SAM 2 video predicts one mask).
         frame_stride: process every n-th frame (the overlay plays at source fps / n, so it lasts as long).
         max_frames: stop after this many processed frames (None: the whole video).
         redetect_every: every n frames after the first detection, detect again and add objects whose box
@@ -252,10 +231,8 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
     info = probe_video(video)
     out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
     if sam_video is None:
-        from nbhelpers.platform import select_runtime
-
         sam_video = load_sam2_video(models.sam.model_id, select_runtime(str(models.sam.device), "auto", compile=False))
-    detect = detector or text_detector(models, phrases, box_threshold, text_threshold, clipseg_threshold, nms_iou)
+    detect = detector or _text_detector(models, phrases, settings)
     options = _Options(redetect_every, new_object_iou, max_objects, save_masks, alpha)
     attempts = [(offload_frames, offload_state)] + ([(True, True)] if not (offload_frames and offload_state) else [])
     for offloaded in attempts:

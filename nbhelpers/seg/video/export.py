@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,53 +14,11 @@ import cv2
 import numpy as np
 
 from nbhelpers.platform import atomic_write
-from nbhelpers.seg.export import encode_masks
+from nbhelpers.seg.types import Track
 
 TRACKS_FILE = "tracks.json"
 OVERLAY_FILE = "video_overlay.mp4"
 ID_MAPS_DIR = "id_maps"
-
-
-@dataclass
-class Track:
-    """One object followed through the video; frame numbers count output frames (source frame = frame × stride)."""
-
-    object_id: int  # stable id, never reused for another object
-    label: str  # prompt phrase that detected it
-    score: float  # detection score when it was added
-    source: str  # "grounding-dino" | "clipseg-fallback" | the detector's name
-    first_frame: int  # frame it was detected and added on
-    last_frame: int | None = None  # last frame with a non-empty mask (None: never visible after seeding)
-    lost_since: int | None = None  # first frame of its current absence; None while visible
-    frames: list[dict[str, Any]] = field(default_factory=list)  # visible frames: {"frame", "box_xyxy"[, "mask_rle"]}
-
-    def record(self, frame: int, mask: np.ndarray | None, keep_mask: bool) -> None:
-        """Note this frame's mask (None or empty: not visible → the track is lost from here)."""
-        if mask is None or not mask.any():
-            if self.lost_since is None and self.last_frame is not None:
-                self.lost_since = frame
-            return
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        entry: dict[str, Any] = {"frame": frame, "box_xyxy": [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]}
-        if keep_mask:
-            entry["mask_rle"] = encode_masks(mask[None])[0]
-        self.frames.append(entry)
-        self.last_frame, self.lost_since = frame, None
-
-    @property
-    def state(self) -> str:
-        """"visible" if its mask was non-empty on the last frame recorded, else "lost"."""
-        return "visible" if self.lost_since is None and self.last_frame is not None else "lost"
-
-    def latest_box(self) -> list[int] | None:
-        """Box of the most recent frame if the object is visible now, else None."""
-        return self.frames[-1]["box_xyxy"] if self.frames and self.lost_since is None else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.object_id, "label": self.label, "score": round(float(self.score), 4), "source": self.source,
-                "first_frame": self.first_frame, "last_frame": self.last_frame, "lost_since": self.lost_since,
-                "state": self.state,
-                "frames": self.frames}
 
 
 def write_tracks(path: str | os.PathLike, tracks: list[Track], metadata: dict[str, Any]) -> Path:

@@ -1,0 +1,17 @@
+"""Text-prompted video segmentation: detect the prompt's objects, follow them with SAM 2, re-detect new ones.
+
+    segment.py   segment_video: the frame loop (detection, tracking, drawing), its options and retries
+    tracking.py  StreamingTracker: SAM 2 propagation with its state pruned to the memory window
+    io.py        probe_video / iter_frames (OpenCV, ffmpeg fallback) and VideoWriter (H.264, mp4v fallback)
+    overlap.py   the reader and writer threads that overlap decoding and encoding with the model
+    export.py    tracks.json and the per-frame object-id PNGs
+
+The records it returns (VideoSegmentation, Track, FrameDetections, FrameMasks) are in nbhelpers.seg.types.
+"""
+from nbhelpers.seg.types import FrameDetections, Track, VideoSegmentation
+from nbhelpers.seg.video.export import load_tracks
+from nbhelpers.seg.video.io import VideoError, is_video_file, probe_video
+from nbhelpers.seg.video.segment import Detector, VideoOutOfMemoryError, segment_video
+
+__all__ = ["Detector", "FrameDetections", "Track", "VideoError", "VideoOutOfMemoryError", "VideoSegmentation",
+           "is_video_file", "load_tracks", "probe_video", "segment_video"]
