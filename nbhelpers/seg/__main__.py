@@ -4,7 +4,8 @@
         [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
         [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
     python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
-        [--max-frames N] [--max-objects N] [--id-maps] [--save-masks] [--offload]   (+ the options above)
+        [--max-frames N] [--max-objects N] [--forget-after SECONDS] [--clipseg-redetect] [--id-maps]
+        [--save-masks] [--offload]   (+ the options above)
     torchrun --nproc_per_node=N -m nbhelpers.seg FOLDER --prompt ... --out DIR [--overwrite]
 
 A folder (of images and/or videos) is split across torchrun's processes (one model copy per GPU); inputs whose
@@ -12,7 +13,7 @@ outputs are complete are skipped (--overwrite redoes them) and DIR/inputs_summar
 skipped or failed with the reason. A video inside a folder goes to DIR/<video stem>/.
 
 Writes DIR/<image stem>/{mask.png, instances.png, overlay.png, detections.json} per image; for a video
-(.mp4, .mov, .avi, .mkv, .webm, …) DIR/video_overlay.mp4 and DIR/tracks.json (+ DIR/id_maps/ with --id-maps).
+(.mp4, .mov, .avi, .mkv, .webm, …, and animated GIFs; a single-frame GIF is an image) DIR/video_overlay.mp4 and DIR/tracks.json (+ DIR/id_maps/ with --id-maps).
 Exit codes: 0 done (also when nothing was found), 2 bad input (missing file, empty prompt, bad model path,
 unreadable image: the others are still written), 1 unexpected error.
 """
@@ -23,7 +24,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from nbhelpers.seg.types import DetectionSettings
+from nbhelpers.seg.types import DetectionSettings, VideoSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = DetectionSettings()
     parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
-                     "(CLIPSeg fallback) for an image or every image of a folder.")
-    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images")
+                     "(CLIPSeg fallback) for an image, every image of a folder, or a video (SAM 2 tracking).")
+    parser.add_argument("images", metavar="IMAGE_FOLDER_OR_VIDEO",
+                        help="an image file, a folder of images, or a video (.mp4, .mov, .avi, .mkv, .webm, …; an "
+                             "animated GIF is a video, a single-frame GIF an image)")
     parser.add_argument("--prompt", required=True, help='objects to find, e.g. "a cat. a remote" or "cat, dog"')
     parser.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per image)")
     parser.add_argument("--box-threshold", type=_threshold, default=defaults.box_threshold,
@@ -66,10 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--overwrite", action="store_true", help="folder: redo inputs whose outputs are already complete")
     video = parser.add_argument_group("video")
-    video.add_argument("--redetect-every", type=int, default=10, help="frames between detections adding new objects (0: once)")
-    video.add_argument("--frame-stride", type=int, default=1, help="process every n-th frame")
-    video.add_argument("--max-frames", type=int, default=None, help="stop after this many processed frames")
-    video.add_argument("--max-objects", type=int, default=20, help="most objects tracked at once")
+    video_defaults = VideoSettings()
+    video.add_argument("--redetect-every", type=int, default=video_defaults.redetect_every,
+                       help="frames between detections that add or revive objects; 0 = detect once (default %(default)s)")
+    video.add_argument("--frame-stride", type=int, default=video_defaults.frame_stride, help="process every n-th frame")
+    video.add_argument("--max-frames", type=int, default=video_defaults.max_frames,
+                       help="stop after this many processed frames")
+    video.add_argument("--max-objects", type=int, default=video_defaults.max_objects,
+                       help="most objects tracked at once (default %(default)s)")
+    video.add_argument("--forget-after", type=float, default=video_defaults.forget_after_s, metavar="SECONDS",
+                       help="a lost object leaves the session after this many seconds of video (default %(default)s)")
+    video.add_argument("--clipseg-redetect", action="store_true",
+                       help="let CLIPSeg add objects at re-detection frames too (by default it only seeds the first ones)")
     video.add_argument("--id-maps", action="store_true", help="also write a uint16 object-id PNG per frame")
     video.add_argument("--save-masks", action="store_true", help="RLE masks per frame in tracks.json")
     video.add_argument("--offload", action="store_true", help="keep frames and SAM 2 state on the CPU")
@@ -91,7 +102,7 @@ def _prepare(args: argparse.Namespace):
     try:
         source = Path(args.images).expanduser()
         if not source.exists():
-            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file or a folder of images)")
+            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file, a folder of images or a video)")
         if source.is_dir() and not list_image_files(source) and not list_video_files(source):
             raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, and for videos)")
         if is_video_file(source):
@@ -115,10 +126,15 @@ def _settings(args: argparse.Namespace) -> DetectionSettings:
                              clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, multimask=args.multimask)
 
 
+def _video_settings(args: argparse.Namespace) -> VideoSettings:
+    return VideoSettings(frame_stride=args.frame_stride, max_frames=args.max_frames, redetect_every=args.redetect_every,
+                         max_objects=args.max_objects, forget_after_s=args.forget_after,
+                         clipseg_redetect=args.clipseg_redetect)
+
+
 def video_options(args: argparse.Namespace) -> dict:
     """segment_video's keyword arguments from the command line's video options."""
-    return dict(frame_stride=args.frame_stride, max_frames=args.max_frames, redetect_every=args.redetect_every,
-                max_objects=args.max_objects, save_id_maps=args.id_maps, save_masks=args.save_masks,
+    return dict(video_settings=_video_settings(args), save_id_maps=args.id_maps, save_masks=args.save_masks,
                 offload_frames=args.offload, offload_state=args.offload)
 
 

@@ -22,8 +22,7 @@ from nbhelpers.seg import pipeline
 from nbhelpers.seg.export import OUTPUT_FILES
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.models import SegmentationModels
-from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, segment_video
-from nbhelpers.seg.video.io import VIDEO_EXTENSIONS
+from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file, segment_video
 
 SUMMARY_FILE = "inputs_summary.json"
 VIDEO_OUTPUTS = ("video_overlay.mp4", "tracks.json")
@@ -39,7 +38,8 @@ class InputStatus:
 
 
 def list_video_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS)
+    """Video files directly inside `folder` (animated GIFs included), sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and is_video_file(path))
 
 
 def outputs_complete(folder: Path, names: tuple[str, ...]) -> bool:

@@ -18,7 +18,7 @@ from nbhelpers.seg.image import iter_segmentations
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, list_image_files, load_image
 from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
 from nbhelpers.seg.render import show_overlay
-from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation
+from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation, VideoSettings
 from nbhelpers.seg.video import segment_video
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
@@ -39,10 +39,7 @@ class SegmentConfig:
     # video (segment_video)
     video: str | None = None  # a video file; None = the sample clip in assets/
     video_prompt: str | None = None  # None = `prompt`
-    frame_stride: int = 1  # process every n-th frame (the overlay keeps the source's duration)
-    max_frames: int | None = None  # stop after this many processed frames; None = the whole video
-    redetect_every: int = 10  # frames between detections that add new objects; 0 = detect once
-    max_objects: int = 20  # most objects tracked at once (each costs SAM 2 time per frame)
+    video_settings: VideoSettings = field(default_factory=VideoSettings)  # stride, re-detection, objects at once, ids
     save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
     save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
     offload_video: bool = False  # keep frames and SAM 2 state on the CPU (less GPU memory, slower)
@@ -151,8 +148,8 @@ def run_video(config: SegmentConfig, models: SegmentationModels | None = None, v
     models = models or load_configured_models(config)
     result = segment_video(
         source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
-        settings=config.detection, frame_stride=config.frame_stride, max_frames=config.max_frames, redetect_every=config.redetect_every,
-        max_objects=config.max_objects, save_id_maps=config.save_id_maps, save_masks=config.save_masks,
+        settings=config.detection, video_settings=config.video_settings, save_id_maps=config.save_id_maps,
+        save_masks=config.save_masks,
         offload_frames=config.offload_video, offload_state=config.offload_video)
     if verbose:
         print(result.summary(), "->", result.files["overlay"].parent, flush=True)
