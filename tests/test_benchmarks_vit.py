@@ -199,7 +199,8 @@ def test_time_to_accuracy_smoke_curve_and_summary_agree(tta):
     assert summary["seconds_to_target"] == first["train_seconds"] and summary["reached_at_epoch"] == first["epoch"]
     assert summary["target_met"] is True and summary["shortfall"] == 0.0
     assert summary["total_train_seconds"] == curve[-1]["train_seconds"]
-    assert summary["final_test_accuracy_is"] == "ema+flip-tta" and 0 <= summary["final_test_accuracy"] <= 1
+    # smoke's EMA decay (0.98) ramps up over 440 steps; these 3 short epochs end before, with no validation split: raw
+    assert summary["final_test_accuracy_is"] == "raw+flip-tta" and 0 <= summary["final_test_accuracy"] <= 1
     assert summary["warmup_seconds"] == warmup["seconds"] and summary["decode_seconds"] == decode["seconds"]
 
 
