@@ -16,10 +16,14 @@ from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
 from nbhelpers.seg.inputs import load_image
-from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
+from nbhelpers.seg.models import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, Sam3Models, SegmentationModels,
+                                  load_models, load_sam3_models)
 from nbhelpers.seg.render import show_overlay
 from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation
 from nbhelpers.seg.video import segment_video
+from nbhelpers.seg.video.sam3_tracking import segment_video_sam3
+
+BACKENDS = ("gdino-sam2", "sam3")  # GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback): the default; SAM 3 alone
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
 SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "assets" / "sample_clip.mp4"
@@ -30,9 +34,11 @@ class SegmentConfig:
     images: str | None = None  # an image file or a folder of images; None = the sample image in assets/
     prompt: str = "car. sun."  # objects to find: "a cat. a remote", "cat, dog" or a list of phrases
     out_dir: str | None = None  # None = platform default (/kaggle/working/outputs/q2_seg, …, ./outputs/q2_seg)
+    backend: str = "gdino-sam2"  # "gdino-sam2" (GroundingDINO boxes -> SAM 2.1 masks) or "sam3" (SAM 3 alone)
     dino_model: str = DEFAULT_DINO  # GroundingDINO hub id, 'tiny' / 'base', or a local folder
     sam_model: str = DEFAULT_SAM  # SAM 2.1 hub id, 'tiny' / 'small' / 'base-plus' / 'large', or a local folder
     clipseg_model: str = DEFAULT_CLIPSEG  # CLIPSeg hub id or a local folder
+    sam3_model: str = DEFAULT_SAM3  # SAM 3 hub id (gated: accept its licence, set HF_TOKEN) or a local folder
     detection: DetectionSettings = field(default_factory=DetectionSettings)  # thresholds, NMS, box cap, multimask
     batch_size: int = 4  # images per forward pass
     device: str | None = None  # None = auto (cuda > mps > cpu)
@@ -41,7 +47,7 @@ class SegmentConfig:
     video_prompt: str | None = None  # None = `prompt`
     frame_stride: int = 1  # process every n-th frame (the overlay keeps the source's duration)
     max_frames: int | None = None  # stop after this many processed frames; None = the whole video
-    redetect_every: int = 10  # frames between detections that add new objects; 0 = detect once
+    redetect_every: int = 10  # frames between detections that add new objects; 0 = detect once (SAM 3: every frame)
     max_objects: int = 20  # most objects tracked at once (each costs SAM 2 time per frame)
     save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
     save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
@@ -77,8 +83,12 @@ def output_folder(out: Path, name: str, used: set[str]) -> Path:
     return out / folder
 
 
-def load_configured_models(config: SegmentConfig) -> SegmentationModels:
-    """Load (once per process) the three models the config names."""
+def load_configured_models(config: SegmentConfig) -> SegmentationModels | Sam3Models:
+    """Load (once per process) the models of the configured backend."""
+    if config.backend not in BACKENDS:
+        raise ValueError(f"BACKEND={config.backend!r}: use one of {list(BACKENDS)}.")
+    if config.backend == "sam3":
+        return load_sam3_models(config.sam3_model, device=config.device)
     return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
 
 
@@ -100,7 +110,7 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
     for name, image, segmentation in iter_segmentations(source, config.prompt, models, config.detection,
                                                         batch_size=config.batch_size, on_unreadable=on_unreadable):
         folder = output_folder(out_dir, name, used)
-        metadata = {"models": models.describe(), "thresholds": config.detection.as_dict(),
+        metadata = {"models": {"backend": config.backend} | models.describe(), "thresholds": config.detection.as_dict(),
                     "source_file": str(source / name if source.is_dir() else source)}
         files = save_outputs(image, segmentation, folder, metadata)
         if verbose:
@@ -126,7 +136,16 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
 # ----------------------------------------------------------------------------- video
 
 
-def run_video(config: SegmentConfig, models: SegmentationModels | None = None, verbose: bool = True
+def segment_any_video(video, prompt, models: SegmentationModels | Sam3Models, out_dir, redetect_every: int = 10,
+                      **options) -> VideoSegmentation:
+    """`segment_video` for GroundingDINO + SAM 2 models, `segment_video_sam3` for SAM 3 models (which detects on
+    every frame, so `redetect_every` does not apply to it). Other options as for `segment_video`."""
+    if isinstance(models, Sam3Models):
+        return segment_video_sam3(video, prompt, models, out_dir, **options)
+    return segment_video(video, prompt, models, out_dir, redetect_every=redetect_every, **options)
+
+
+def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | None = None, verbose: bool = True
               ) -> VideoSegmentation:
     """Segment the configured video into OUT_DIR/video/<video stem>/ (video_overlay.mp4, tracks.json[, id_maps/]).
 
@@ -135,11 +154,11 @@ def run_video(config: SegmentConfig, models: SegmentationModels | None = None, v
     """
     source = config.video_source()
     models = models or load_configured_models(config)
-    result = segment_video(
+    result = segment_any_video(
         source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
-        settings=config.detection, frame_stride=config.frame_stride, max_frames=config.max_frames, redetect_every=config.redetect_every,
-        max_objects=config.max_objects, save_id_maps=config.save_id_maps, save_masks=config.save_masks,
-        offload_frames=config.offload_video, offload_state=config.offload_video)
+        redetect_every=config.redetect_every, settings=config.detection, frame_stride=config.frame_stride,
+        max_frames=config.max_frames, max_objects=config.max_objects, save_id_maps=config.save_id_maps,
+        save_masks=config.save_masks, offload_frames=config.offload_video, offload_state=config.offload_video)
     if verbose:
         print(result.summary(), "->", result.files["overlay"].parent, flush=True)
     return result

@@ -93,25 +93,32 @@ class _VideoRun:
         result = self.tracker.track(frame, frame_rgb)
         masks = dict(zip(result.object_ids, result.masks))
         for object_id, track in self.tracks.items():
-            track.record(frame, masks.get(object_id), _encode_mask if self.options.save_masks else None)
+            track.record(frame, masks.get(object_id), encode_track_mask if self.options.save_masks else None)
         return result
 
     def drawing(self, frame: int, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
-        """What to draw on this frame (a snapshot: the tracks change while a helper thread draws)."""
-        # `step` recorded this frame already: a track seen on it has it as its last frame.
-        visible = [i for i, object_id in enumerate(result.object_ids) if self.tracks[object_id].last_frame == frame]
-        if not visible:
-            return None
-        ids = [result.object_ids[i] for i in visible]
-        tracks = [self.tracks[object_id] for object_id in ids]
-        boxes = np.asarray([track.frames[-1]["box_xyxy"] for track in tracks], np.float32)
-        scores = np.asarray([track.score for track in tracks], np.float32)
-        seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in tracks], result.masks[visible],
-                           np.full(len(ids), np.nan, np.float32), "sam2-video", (self.info.height, self.info.width), "")
-        return seg, [object_id - 1 for object_id in ids]
+        return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam2-video")
 
 
-def _encode_mask(mask: np.ndarray) -> dict:
+def tracks_drawing(tracks: dict[int, Track], frame: int, result: FrameMasks, size: tuple[int, int], source: str
+                   ) -> tuple[Segmentation, list[int]] | None:
+    """What to draw on this frame: (Segmentation labelled "#id label", colour indices), None when nothing is visible.
+
+    A snapshot: the tracks change while the writer thread draws. Every track seen on `frame` was recorded already.
+    """
+    visible = [i for i, object_id in enumerate(result.object_ids) if tracks[object_id].last_frame == frame]
+    if not visible:
+        return None
+    ids = [result.object_ids[i] for i in visible]
+    shown = [tracks[object_id] for object_id in ids]
+    boxes = np.asarray([track.frames[-1]["box_xyxy"] for track in shown], np.float32)
+    scores = np.asarray([track.score for track in shown], np.float32)
+    seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in shown], result.masks[visible],
+                       np.full(len(ids), np.nan, np.float32), source, size, "")
+    return seg, [object_id - 1 for object_id in ids]
+
+
+def encode_track_mask(mask: np.ndarray) -> dict:
     return encode_masks(mask[None])[0]
 
 
@@ -123,7 +130,7 @@ def _write_frame(writer: VideoWriter, id_maps: IdMapWriter | None, frame: int, f
         id_maps.write(frame, result.object_ids, result.masks, frame_rgb.shape[:2])
 
 
-def _expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
+def expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
     if not info.frame_count:
         return max_frames
     count = -(-info.frame_count // stride)
@@ -134,17 +141,28 @@ def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir
               stride: int, max_frames: int | None, save_id_maps: bool, offload: tuple[bool, bool], progress: bool):
     """One pass over the video; every output appears only if the pass completes."""
     run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, *offload), options)
+    return run_frames(run, info, sam_video.device, out_dir, options.alpha, stride, max_frames, save_id_maps, progress)
+
+
+def run_frames(run, info: VideoInfo, device: torch.device, out_dir: Path, alpha: float, stride: int,
+               max_frames: int | None, save_id_maps: bool, progress: bool):
+    """Stream the frames through `run` (its step(frame, rgb) -> FrameMasks, drawing(frame, masks) and tracks) and
+    write the overlay (and id maps); every output appears only if the pass completes.
+
+    Returns:
+        (run, frames processed, seconds, peak CUDA memory or None, {"overlay"[, "id_maps"]: path}, overlay codec).
+    """
     id_maps = IdMapWriter(out_dir) if save_id_maps else None
     writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, info.fps / stride)
-    cuda = sam_video.device.type == "cuda"
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(sam_video.device)
+        torch.cuda.reset_peak_memory_stats(device)
     frames, start, worker = 0, time.perf_counter(), OrderedWorker()
     try:
-        with tqdm(total=_expected_frames(info, stride, max_frames), desc="video", unit="frame", disable=not progress) as bar:
+        with tqdm(total=expected_frames(info, stride, max_frames), desc="video", unit="frame", disable=not progress) as bar:
             for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, stride, max_frames))):
                 result = run.step(frame, frame_rgb)
-                worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(frame, result), result, options.alpha)
+                worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(frame, result), result, alpha)
                 frames += 1
                 bar.set_postfix(objects=len(run.tracks), refresh=False)
                 bar.update()
@@ -157,7 +175,7 @@ def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir
         raise
     seconds = time.perf_counter() - start
     files = {"overlay": writer.close()} | ({"id_maps": id_maps.close()} if id_maps is not None else {})
-    peak = torch.cuda.max_memory_allocated(sam_video.device) if cuda else None
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
     return run, frames, seconds, peak, files, writer.codec
 
 
@@ -193,7 +211,7 @@ def _text_detector(models: SegmentationModels, phrases: list[str], settings: Det
     return lambda frame_rgb: backend.detect(frame_rgb, fitted, settings)
 
 
-def _free_cuda_memory() -> None:
+def free_cuda_memory() -> None:
     import gc
 
     gc.collect()
@@ -241,7 +259,7 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
                                                                  max_frames, save_id_maps, offloaded, progress)
             break
         except torch.cuda.OutOfMemoryError as error:
-            _free_cuda_memory()
+            free_cuda_memory()
             if offloaded == (True, True):
                 raise VideoOutOfMemoryError(
                     "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
@@ -249,7 +267,7 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
             warnings.warn("GPU out of memory: retrying once with frames and SAM 2 state offloaded to the CPU.", stacklevel=2)
     result = VideoSegmentation(info.path.name, normalize_prompt(phrases), frames, (info.height, info.width), info.fps,
                                info.fps / frame_stride, list(run.tracks.values()), run.seed_frame, codec,
-                               _message(run, frames, normalize_prompt(phrases), _expected_frames(info, frame_stride, max_frames)),
+                               _message(run, frames, normalize_prompt(phrases), expected_frames(info, frame_stride, max_frames)),
                                files, seconds, peak, run.tracker.frames_held_peak, *offloaded)
     result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, _metadata(result, models, sam_video, options,
                                                                                        frame_stride, detector is None))

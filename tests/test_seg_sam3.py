@@ -1,0 +1,237 @@
+"""SAM 3 backend (images and streamed video), the gated-checkpoint message and detectors loaded through the Auto
+classes, on tiny random models built by nbhelpers.testing (loaded with from_pretrained)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nbhelpers.seg import models as seg_models
+from nbhelpers.seg.__main__ import main
+from nbhelpers.seg.backends import Sam3Backend, as_backend
+from nbhelpers.seg.image import segment_image, segment_images
+from nbhelpers.seg.models import ModelLoadError, load_grounding_dino, load_sam3_models
+from nbhelpers.seg.types import DetectionSettings
+from nbhelpers.seg.video.sam3_tracking import Sam3StreamingTracker, segment_video_sam3
+from nbhelpers.testing import (TINY_SAM3_VIDEO_THRESHOLDS, build_tiny_mm_grounding_dino, build_tiny_sam3_models,
+                               make_test_frame, make_test_image, make_test_video, validate_detections)
+
+EVERYTHING = DetectionSettings(sam3_threshold=0.0)  # random weights score about 0.25: keep every instance
+VIDEO = DetectionSettings(sam3_threshold=TINY_SAM3_VIDEO_THRESHOLDS["score_threshold_detection"])
+
+
+@pytest.fixture(scope="module")
+def sam3_dirs(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_sam3_models(tmp_path_factory.mktemp("tiny-sam3"))
+
+
+@pytest.fixture(scope="module")
+def sam3(sam3_dirs):
+    return load_sam3_models(sam3_dirs["sam3"], sam3_dirs["sam3_video"], device="cpu")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_batch_of_images_with_several_phrases(sam3) -> None:
+    images = [make_test_image(48, 64), make_test_image(60, 40, seed=1)]
+    results = segment_images(images, "cat. dog", sam3, EVERYTHING, batch_size=2, progress=False)
+    for (_, result), image in zip(results, images):
+        assert result.backend == "sam3" and result.source == "sam3"
+        assert set(result.labels) == {"cat", "dog"}  # each phrase is its own prompt and labels its instances
+        assert result.masks.shape == (len(result), *image.shape[:2]) and result.masks.dtype == bool
+        height, width = image.shape[:2]
+        assert (result.boxes[:, [0, 2]] <= width).all() and (result.boxes[:, [1, 3]] <= height).all()
+        assert set(result.timings) >= {"preprocess", "segment", "detect", "total"}
+    single = segment_image(images[1], "cat. dog", sam3, EVERYTHING)  # batching does not change a result
+    assert single.labels == results[1][1].labels and np.array_equal(single.masks, results[1][1].masks)
+
+
+def test_vision_features_are_computed_once_for_all_phrases(sam3, monkeypatch) -> None:
+    model, calls = sam3.image.model, {"vision": 0, "forward": 0}
+    vision, forward = model.get_vision_features, model.forward
+
+    def count_vision(*args, **kwargs):
+        calls["vision"] += 1
+        return vision(*args, **kwargs)
+
+    def count_forward(*args, **kwargs):
+        calls["forward"] += 1
+        assert kwargs.get("pixel_values") is None, "a phrase re-encoded the image"
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "get_vision_features", count_vision)
+    monkeypatch.setattr(model, "forward", count_forward)
+    segment_images([make_test_image(48, 64)] * 2, "cat. dog. car", sam3, EVERYTHING, batch_size=2, progress=False)
+    assert calls == {"vision": 1, "forward": 3}  # one image encoding for the batch, one decoder pass per phrase
+
+
+def test_per_label_nms(sam3) -> None:
+    image = make_test_image(48, 64)
+    queries = sam3.image.model.config.detr_decoder_config.num_queries
+    everything = segment_image(image, "cat. dog", sam3, dataclasses.replace(EVERYTHING, nms_iou=1.0))
+    assert everything.labels.count("cat") == everything.labels.count("dog") == queries  # no NMS: every query
+    merged = segment_image(image, "cat. dog", sam3, dataclasses.replace(EVERYTHING, nms_iou=0.5))
+    assert 0 < len(merged) < len(everything) and set(merged.labels) == {"cat", "dog"}
+    from torchvision.ops import box_iou
+    for label in ("cat", "dog"):
+        boxes = torch.from_numpy(merged.boxes[[i for i, name in enumerate(merged.labels) if name == label]])
+        overlap = box_iou(boxes, boxes) - torch.eye(len(boxes))
+        assert (overlap <= 0.5).all()
+    capped = segment_image(image, "cat. dog", sam3, dataclasses.replace(EVERYTHING, nms_iou=1.0, max_detections=3))
+    assert len(capped) == 3 and np.allclose(np.sort(capped.scores), np.sort(everything.scores)[-3:])
+
+
+def test_nothing_found_says_which_threshold(sam3) -> None:
+    result = segment_image(make_test_image(48, 64), "cat", sam3, DetectionSettings(sam3_threshold=1.0))
+    assert len(result) == 0 and "SAM3_THRESHOLD" in result.message
+
+
+def test_long_phrase_is_cut_with_a_warning(sam3) -> None:
+    long_phrase = " ".join(["red cat"] * 30)  # far more than the 32 tokens SAM 3's text encoder reads
+    with pytest.warns(UserWarning, match="SAM 3's text encoder"):
+        result = segment_image(make_test_image(48, 64), [long_phrase, "dog"], sam3, EVERYTHING)
+    tokenizer = sam3.image.processor.tokenizer
+    cut = next(label for label in result.labels if label.startswith("red cat"))
+    assert len(tokenizer(cut)["input_ids"]) <= 32 and long_phrase.startswith(cut)
+
+
+def test_cli_sam3_image(sam3_dirs, tmp_path: Path) -> None:
+    image = tmp_path / "in.png"
+    from PIL import Image
+    Image.fromarray(make_test_image(48, 64)).save(image)
+    code = main([str(image), "--prompt", "cat", "--out", str(tmp_path / "out"), "--backend", "sam3",
+                 "--sam3", str(sam3_dirs["sam3"]), "--sam3-threshold", "0", "--device", "cpu"])
+    assert code == 0
+    data = json.loads((tmp_path / "out" / "in" / "detections.json").read_text())
+    validate_detections(data)
+    assert data["source"] == "sam3" and data["detections"] and data["models"]["sam3_model"] == str(sam3_dirs["sam3"])
+    assert data["models"]["backend"] == "sam3"
+    assert all((tmp_path / "out" / "in" / name).is_file() for name in ("mask.png", "instances.png", "overlay.png"))
+
+
+# ----------------------------------------------------------------------------- gated checkpoint (mocked network)
+
+
+def _refusal(status: int) -> OSError:
+    """The error chain from_pretrained raises for a refused download: huggingface_hub's error, wrapped by transformers."""
+    import httpx
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/facebook/sam3"))
+    cause = (GatedRepoError("403 Client Error: Cannot access gated repo", response=response) if status == 403
+             else HfHubHTTPError("401 Client Error: Unauthorized", response=response))
+    try:
+        raise OSError(f"facebook/sam3 download failed ({status})") from cause
+    except OSError as error:
+        return error
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_gated_checkpoint_names_the_fixes(status: int, monkeypatch) -> None:
+    # No network here: the hub's refusal is raised by a patched from_pretrained (mocks the download).
+    from transformers import Sam3Model, Sam3Processor
+
+    def refuse(*args, **kwargs):
+        raise _refusal(status)
+
+    monkeypatch.setattr(Sam3Processor, "from_pretrained", refuse)
+    monkeypatch.setattr(Sam3Model, "from_pretrained", refuse)
+    with pytest.raises(ModelLoadError) as caught:
+        load_sam3_models("facebook/sam3", device="cpu")
+    message = str(caught.value)
+    assert "HF_TOKEN" in message and "licence" in message and "data set" in message
+    assert "hf download facebook/sam3 --local-dir" in message
+
+
+# ----------------------------------------------------------------------------- detectors through the Auto classes
+
+
+def test_mm_grounding_dino_loads_through_the_auto_classes(tiny_seg_model_dirs, tmp_path_factory) -> None:
+    folder = build_tiny_mm_grounding_dino(tmp_path_factory.mktemp("tiny-mm"))
+    detector = load_grounding_dino(folder, seg_models.select_runtime("cpu", verbose=False))
+    assert type(detector.model).__name__ == "MMGroundingDinoForObjectDetection"
+    models = seg_models.load_models(folder, tiny_seg_model_dirs["sam"], tiny_seg_model_dirs["clipseg"], device="cpu")
+    result = segment_image(make_test_image(48, 64), "cat. dog", models, DetectionSettings(box_threshold=0.0,
+                                                                                         text_threshold=0.0))
+    assert result.source == "grounding-dino" and len(result) > 0 and set(result.labels) <= {"cat", "dog"}
+    with pytest.raises(ModelLoadError, match="not grounding-dino / mm-grounding-dino"):
+        load_grounding_dino(tiny_seg_model_dirs["sam"], seg_models.select_runtime("cpu", verbose=False))
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def test_pruning_bounds_the_state_and_changes_no_mask(sam3) -> None:
+    video = sam3.video()
+    frames = [make_test_frame(i, 48, 64, enter_frame=3) for i in range(12)]
+    runs = []
+    for prune in (True, False):
+        tracker = Sam3StreamingTracker(video, ["cat"], 48, 64, VIDEO, prune=prune)
+        results = [tracker.track(index, frame)[0] for index, frame in enumerate(frames)]
+        runs.append((results, tracker))
+    (pruned, pruned_tracker), (full, full_tracker) = runs
+    assert any(len(result.object_ids) for result in full), "the tiny model should track something"
+    for a, b in zip(pruned, full):
+        assert a.object_ids == b.object_ids and np.array_equal(a.masks, b.masks)
+    window = pruned_tracker.memory_window
+    assert len(frames) >= 3 * window and full_tracker.frames_held_peak == len(frames)
+    conditioning = {frame for outputs in pruned_tracker.session.output_dict_per_obj.values()
+                    for frame in outputs["cond_frame_outputs"]}
+    assert pruned_tracker.frames_held_peak <= window + 1 + len(conditioning) < len(frames)
+
+
+def test_no_duplicate_tracks_without_kernels(sam3) -> None:
+    # Every query of this copy of the model is the same, so each frame's detections are exact duplicates: the
+    # case transformers' SAM 3 NMS (skipped without the `kernels` package) would have merged.
+    loaded = sam3.video()
+    model = copy.deepcopy(loaded.model)
+    decoder = model.detector_model.detr_decoder
+    with torch.no_grad():
+        decoder.query_embed.weight[:] = decoder.query_embed.weight[:1].clone()
+        decoder.reference_points.weight[:] = decoder.reference_points.weight[:1].clone()
+    duplicated = dataclasses.replace(loaded, model=model)
+    frames = [make_test_frame(i, 48, 64) for i in range(3)]
+    counts = {}
+    for nms_iou in (1.0, 0.5):  # 1.0: nothing counts as overlapping, as without NMS
+        tracker = Sam3StreamingTracker(duplicated, ["cat"], 48, 64, dataclasses.replace(VIDEO, nms_iou=nms_iou))
+        seen = set()
+        for index, frame in enumerate(frames):
+            seen |= set(tracker.track(index, frame)[0].object_ids)
+        counts[nms_iou] = len(seen)
+    queries = model.config.detector_config.detr_decoder_config.num_queries
+    assert counts == {1.0: queries, 0.5: 1}
+
+
+def test_video_end_to_end_tracks_json(sam3, tmp_path: Path) -> None:
+    clip = make_test_video(tmp_path / "clip.mp4", frames=4, height=48, width=64, enter_frame=2)
+    result = segment_video_sam3(clip, "cat", sam3, tmp_path / "out", settings=VIDEO, save_id_maps=True,
+                                progress=False)
+    assert result.frames == 4 and result.files["overlay"].is_file() and len(list(result.files["id_maps"].iterdir())) == 4
+    data = json.loads(result.files["tracks"].read_text())
+    assert data["backend"] == "sam3" and "redetect_every" not in data
+    ids = [entry["id"] for entry in data["objects"]]
+    assert ids and len(ids) == len(set(ids)) and all(entry["label"] == "cat" for entry in data["objects"])
+    assert any(entry["first_frame"] > 0 for entry in data["objects"]), "a newcomer is found by per-frame detection"
+
+
+def test_video_bad_inputs(sam3, tmp_path: Path) -> None:
+    from nbhelpers.seg.video import VideoError
+    with pytest.raises((FileNotFoundError, VideoError)):
+        segment_video_sam3(tmp_path / "missing.mp4", "cat", sam3, tmp_path / "out", progress=False)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(VideoError):
+        segment_video_sam3(tmp_path / "bad.mp4", "cat", sam3, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="name at least one object"):
+        segment_video_sam3(tmp_path / "bad.mp4", " . ", sam3, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="max_frames"):
+        segment_video_sam3(tmp_path / "bad.mp4", "cat", sam3, tmp_path / "out", max_frames=0, progress=False)
+
+
+def test_as_backend_picks_sam3(sam3) -> None:
+    assert isinstance(as_backend(sam3), Sam3Backend)
