@@ -18,7 +18,7 @@ from nbhelpers.seg.image import segment_image, segment_images
 from nbhelpers.seg.models import ModelLoadError, load_grounding_dino, load_sam3_models
 from nbhelpers.seg.types import DetectionSettings
 from nbhelpers.seg.video.sam3_tracking import Sam3StreamingTracker, segment_video_sam3
-from nbhelpers.testing import (TINY_SAM3_VIDEO_THRESHOLDS, build_tiny_mm_grounding_dino, build_tiny_sam3_models,
+from nbhelpers.testing import (TINY_SAM3_VIDEO_THRESHOLDS, build_tiny_mm_grounding_dino,
                                make_test_frame, make_test_image, make_test_video, validate_detections)
 
 EVERYTHING = DetectionSettings(sam3_threshold=0.0)  # random weights score about 0.25: keep every instance
@@ -26,8 +26,8 @@ VIDEO = DetectionSettings(sam3_threshold=TINY_SAM3_VIDEO_THRESHOLDS["score_thres
 
 
 @pytest.fixture(scope="module")
-def sam3_dirs(tmp_path_factory) -> dict[str, Path]:
-    return build_tiny_sam3_models(tmp_path_factory.mktemp("tiny-sam3"))
+def sam3_dirs(tiny_sam3_model_dirs) -> dict[str, Path]:
+    return tiny_sam3_model_dirs
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,32 @@ def test_cli_sam3_image(sam3_dirs, tmp_path: Path) -> None:
     assert all((tmp_path / "out" / "in" / name).is_file() for name in ("mask.png", "instances.png", "overlay.png"))
 
 
+def test_ui_backend_dropdown_runs_sam3(sam3_dirs, tiny_seg_model_dirs, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from nbhelpers.seg import ui
+
+    asked = []
+
+    def loader(checkpoint: str):  # real loads from the tiny folders, recording which backend was asked for
+        asked.append(checkpoint)
+        if checkpoint == ui.SAM3_CHECKPOINT:
+            return load_sam3_models(sam3_dirs["sam3"], sam3_dirs["sam3_video"], device="cpu")
+        dirs = tiny_seg_model_dirs
+        return seg_models.load_models(dirs["dino"], dirs["sam"], dirs["clipseg"], device="cpu")
+
+    Image.fromarray(make_test_image(48, 64)).save(tmp_path / "photo.png")
+    widgets = ui.build_ui(loader, {"image_path": str(tmp_path / "photo.png"), "prompt": "cat", "sam3_threshold": 0.0},
+                          tmp_path / "out")
+    assert widgets.backend.value == "gdino-sam2" and set(widgets.backend.options) == {
+        (label, key) for key, label in ui.BACKENDS.items()}
+    widgets.backend.value = "sam3"
+    seg = ui.handle_click(widgets, loader, tmp_path / "out")
+    assert asked == [ui.SAM3_CHECKPOINT] and seg is not None and seg.backend == "sam3" and len(seg) > 0
+    saved = json.loads((tmp_path / "out" / "photo" / "detections.json").read_text())
+    assert saved["source"] == "sam3" and saved["models"]["sam3_model"] == str(sam3_dirs["sam3"])
+
+
 # ----------------------------------------------------------------------------- gated checkpoint (mocked network)
 
 
@@ -169,7 +195,7 @@ def test_mm_grounding_dino_loads_through_the_auto_classes(tiny_seg_model_dirs, t
 
 def test_pruning_bounds_the_state_and_changes_no_mask(sam3) -> None:
     video = sam3.video()
-    frames = [make_test_frame(i, 48, 64, enter_frame=3) for i in range(12)]
+    frames = [make_test_frame(i, 48, 64, enter_frame=3) for i in range(10)]
     runs = []
     for prune in (True, False):
         tracker = Sam3StreamingTracker(video, ["cat"], 48, 64, VIDEO, prune=prune)
@@ -180,7 +206,7 @@ def test_pruning_bounds_the_state_and_changes_no_mask(sam3) -> None:
     for a, b in zip(pruned, full):
         assert a.object_ids == b.object_ids and np.array_equal(a.masks, b.masks)
     window = pruned_tracker.memory_window
-    assert len(frames) >= 3 * window and full_tracker.frames_held_peak == len(frames)
+    assert len(frames) >= 2.5 * window and full_tracker.frames_held_peak == len(frames)
     conditioning = {frame for outputs in pruned_tracker.session.output_dict_per_obj.values()
                     for frame in outputs["cond_frame_outputs"]}
     assert pruned_tracker.frames_held_peak <= window + 1 + len(conditioning) < len(frames)
@@ -231,3 +257,27 @@ def test_video_bad_inputs(sam3, tmp_path: Path) -> None:
 
 def test_as_backend_picks_sam3(sam3) -> None:
     assert isinstance(as_backend(sam3), Sam3Backend)
+
+
+def test_compare_backends_runs_both_on_the_same_image_and_clip(sam3_dirs, tiny_seg_model_dirs, tmp_path: Path) -> None:
+    from nbhelpers.seg import compare
+    from nbhelpers.seg.pipeline import SegmentConfig
+
+    dirs = tiny_seg_model_dirs
+    image = tmp_path / "photo.png"
+    from PIL import Image
+    Image.fromarray(make_test_image(48, 64)).save(image)
+    clip = make_test_video(tmp_path / "clip.mp4", frames=2, height=48, width=64)
+    config = SegmentConfig(images=str(image), prompt="cat", out_dir=str(tmp_path / "out"), backend="both",
+                           dino_model=str(dirs["dino"]), sam_model=str(dirs["sam"]), clipseg_model=str(dirs["clipseg"]),
+                           sam3_model=str(sam3_dirs["sam3"]), sam3_video_model=str(sam3_dirs["sam3_video"]),
+                           detection=dataclasses.replace(VIDEO, clipseg_threshold=0.0), video=str(clip), max_frames=2,
+                           device="cpu")
+    runs = compare.compare_backends(config)
+    assert [run.backend for run in runs] == ["gdino-sam2", "sam3"]
+    assert runs[0].image.backend == "grounding-dino+sam2" and runs[1].image.backend == "sam3"
+    assert all(run.video.frames == 2 and run.parameters > 0 for run in runs)
+    assert (tmp_path / "out" / "compare" / "sam3" / "video" / "tracks.json").is_file()
+    table = compare.comparison_table(runs)
+    assert table.count("<tr>") == 3 and "SAM 3" in table and "GroundingDINO" in table
+    assert compare.compare_backends(dataclasses.replace(config, backend="sam3")) is None  # only for "both"

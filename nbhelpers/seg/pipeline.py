@@ -23,7 +23,9 @@ from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentati
 from nbhelpers.seg.video import segment_video
 from nbhelpers.seg.video.sam3_tracking import segment_video_sam3
 
-BACKENDS = ("gdino-sam2", "sam3")  # GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback): the default; SAM 3 alone
+# GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback): the default; SAM 3 alone; "both": the default, plus
+# `compare_backends` running the same image and clip through each
+BACKENDS = ("gdino-sam2", "sam3", "both")
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
 SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "assets" / "sample_clip.mp4"
@@ -34,11 +36,12 @@ class SegmentConfig:
     images: str | None = None  # an image file or a folder of images; None = the sample image in assets/
     prompt: str = "car. sun."  # objects to find: "a cat. a remote", "cat, dog" or a list of phrases
     out_dir: str | None = None  # None = platform default (/kaggle/working/outputs/q2_seg, …, ./outputs/q2_seg)
-    backend: str = "gdino-sam2"  # "gdino-sam2" (GroundingDINO boxes -> SAM 2.1 masks) or "sam3" (SAM 3 alone)
+    backend: str = "gdino-sam2"  # "gdino-sam2" (GroundingDINO -> SAM 2.1), "sam3" (SAM 3 alone) or "both" (compare)
     dino_model: str = DEFAULT_DINO  # GroundingDINO hub id, 'tiny' / 'base', or a local folder
     sam_model: str = DEFAULT_SAM  # SAM 2.1 hub id, 'tiny' / 'small' / 'base-plus' / 'large', or a local folder
     clipseg_model: str = DEFAULT_CLIPSEG  # CLIPSeg hub id or a local folder
     sam3_model: str = DEFAULT_SAM3  # SAM 3 hub id (gated: accept its licence, set HF_TOKEN) or a local folder
+    sam3_video_model: str | None = None  # SAM 3 video checkpoint (hub id or folder); None = sam3_model
     detection: DetectionSettings = field(default_factory=DetectionSettings)  # thresholds, NMS, box cap, multimask
     batch_size: int = 4  # images per forward pass
     device: str | None = None  # None = auto (cuda > mps > cpu)
@@ -83,12 +86,13 @@ def output_folder(out: Path, name: str, used: set[str]) -> Path:
     return out / folder
 
 
-def load_configured_models(config: SegmentConfig) -> SegmentationModels | Sam3Models:
-    """Load (once per process) the models of the configured backend."""
-    if config.backend not in BACKENDS:
-        raise ValueError(f"BACKEND={config.backend!r}: use one of {list(BACKENDS)}.")
-    if config.backend == "sam3":
-        return load_sam3_models(config.sam3_model, device=config.device)
+def load_configured_models(config: SegmentConfig, backend: str | None = None) -> SegmentationModels | Sam3Models:
+    """Load (once per process) the models of `backend` (None: the configured one; "both" loads the default's)."""
+    backend = config.backend if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"BACKEND={backend!r}: use one of {list(BACKENDS)}.")
+    if backend == "sam3":
+        return load_sam3_models(config.sam3_model, config.sam3_video_model, device=config.device)
     return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
 
 
@@ -195,7 +199,9 @@ def _configured_sam_size(config: SegmentConfig) -> str:
     return "tiny"
 
 
-def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels:
+def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels | Sam3Models:
+    if sam_checkpoint == ui.SAM3_CHECKPOINT:  # the SAM 3 backend: the configured checkpoint (maybe a folder)
+        return load_configured_models(config, "sam3")
     # The configured SAM (maybe a local folder on offline Kaggle) stands for its own dropdown entry.
     sam = config.sam_model if sam_checkpoint == ui.SAM_CHECKPOINTS[_configured_sam_size(config)] else sam_checkpoint
     return load_models(config.dino_model, sam, config.clipseg_model, device=config.device)
@@ -204,5 +210,6 @@ def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationMode
 def launch_ui(config: SegmentConfig):
     """Widgets (upload, prompt, thresholds, SAM size, run button) preset from `config`; None when headless."""
     defaults = {"image_path": str(config.image_source()), "prompt": config.prompt,
-                "sam_size": _configured_sam_size(config)} | config.detection.as_dict()
+                "sam_size": _configured_sam_size(config), "backend": "sam3" if config.backend == "sam3" else "gdino-sam2",
+                } | config.detection.as_dict()
     return ui.launch_ui(partial(_load_for_ui, config), defaults, config.output_dir() / "ui")

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import segment_image
 from nbhelpers.seg.inputs import load_image
-from nbhelpers.seg.models import load_models, release
+from nbhelpers.seg.models import DEFAULT_SAM3, load_models, load_sam3_models, release
 from nbhelpers.seg.render import overlay, show_overlay, summary_line
 from nbhelpers.seg.types import DetectionSettings, Segmentation
 
@@ -35,12 +35,15 @@ SAM_CHECKPOINTS = {
     "base-plus": "facebook/sam2.1-hiera-base-plus",
     "large": "facebook/sam2.1-hiera-large",
 }
+BACKENDS = {"gdino-sam2": "GroundingDINO → SAM 2.1", "sam3": "SAM 3"}  # dropdown value -> its label
+SAM3_CHECKPOINT = DEFAULT_SAM3  # what the loader is asked for when the SAM 3 backend is chosen
 SETTING_NAMES = tuple(setting.name for setting in fields(DetectionSettings))
 # Sliders for the three thresholds; the other DetectionSettings (nms_iou, max_detections, multimask) have no widget
 # and are passed through from the configuration to segment_image.
-DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", **DetectionSettings().as_dict()}
+DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", "backend": "gdino-sam2",
+                            **DetectionSettings().as_dict()}
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
-ModelsLoader = Callable[[str], Any]  # SAM checkpoint id -> nbhelpers.seg.models.SegmentationModels
+ModelsLoader = Callable[[str], Any]  # SAM 2.1 checkpoint id -> SegmentationModels; SAM3_CHECKPOINT -> Sam3Models
 
 # ----------------------------------------------------------------------------- environment
 
@@ -65,7 +68,8 @@ def noninteractive_reason() -> str | None:
 
 
 def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader,
-             settings: DetectionSettings = DetectionSettings()) -> tuple[Segmentation, np.ndarray]:
+             settings: DetectionSettings = DetectionSettings(), backend: str = "gdino-sam2"
+             ) -> tuple[Segmentation, np.ndarray]:
     """One "Segment" click without a browser: load the image and models, segment, draw.
 
     Args:
@@ -74,28 +78,32 @@ def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader
         sam_size: one of SAM_CHECKPOINTS ("tiny", "small", "base-plus", "large").
         models_loader: SAM checkpoint id -> SegmentationModels.
         settings: passed to `segment_image`.
+        backend: one of BACKENDS; "sam3" asks the loader for SAM3_CHECKPOINT (sam_size is then unused).
     Returns:
         (Segmentation, overlay as (H, W, 3) uint8 RGB).
     """
-    return _segment(image, prompt, settings, sam_size, models_loader)[:2]
+    return _segment(image, prompt, settings, sam_size, models_loader, backend)[:2]
 
 
 def _segment(image: Any, prompt: str, settings: DetectionSettings, sam_size: str,
-             models_loader: ModelsLoader) -> tuple[Segmentation, np.ndarray, Any]:
+             models_loader: ModelsLoader, backend: str = "gdino-sam2") -> tuple[Segmentation, np.ndarray, Any]:
     """run_once's work; also returns the models used, so the saved metadata can name them."""
     if not prompt or not prompt.strip():  # bad input is rejected before anything heavy starts
         raise ValueError("The prompt is empty: type what to segment, e.g. 'cat. dog.'.")
     if sam_size not in SAM_CHECKPOINTS:
         raise ValueError(f"SAM size {sam_size!r} is not one of {list(SAM_CHECKPOINTS)}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}.")
     image_rgb = load_image(image)
-    models = models_loader(SAM_CHECKPOINTS[sam_size])
+    models = models_loader(SAM3_CHECKPOINT if backend == "sam3" else SAM_CHECKPOINTS[sam_size])
     seg = segment_image(image_rgb, prompt.strip(), models, settings=settings)
     return seg, overlay(image_rgb, seg), models
 
 
 def default_models_loader(sam_checkpoint: str) -> Any:
-    """Load GroundingDINO + the chosen SAM 2.1 + CLIPSeg with nbhelpers.seg.models defaults."""
-    return load_models(sam=sam_checkpoint)
+    """Load GroundingDINO + the chosen SAM 2.1 + CLIPSeg with nbhelpers.seg.models defaults (SAM 3 for
+    SAM3_CHECKPOINT)."""
+    return load_sam3_models(sam_checkpoint) if sam_checkpoint == SAM3_CHECKPOINT else load_models(sam=sam_checkpoint)
 
 
 def _keep_last_loaded(loader: ModelsLoader) -> ModelsLoader:
@@ -109,6 +117,7 @@ def _keep_last_loaded(loader: ModelsLoader) -> ModelsLoader:
             if cache:
                 cache.clear()
                 release("sam2")
+                release("sam3")
             cache[sam_checkpoint] = loader(sam_checkpoint)
         return cache[sam_checkpoint]
 
@@ -133,6 +142,7 @@ class SegmentationUI:
     output: Any
     container: Any
     settings: DetectionSettings = DetectionSettings()  # the settings without a widget come from here
+    backend: Any = None  # Dropdown of BACKENDS (None: GroundingDINO -> SAM 2.1)
 
     def current_settings(self) -> DetectionSettings:
         """`settings` with the sliders' thresholds; raises ValueError for a value out of range."""
@@ -158,6 +168,8 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     if unknown:
         raise ValueError(f"defaults has unknown keys {sorted(unknown)}; allowed: {list(DEFAULTS)}.")
     values = {**DEFAULTS, **(defaults or {})}
+    if values["backend"] not in BACKENDS:
+        raise ValueError(f"defaults['backend']={values['backend']!r} is not one of {list(BACKENDS)}.")
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
     settings = DetectionSettings(**{name: values[name] for name in SETTING_NAMES})  # checks every value
@@ -172,11 +184,13 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
         sam_size=widgets.Dropdown(options=list(SAM_CHECKPOINTS), value=values["sam_size"], description="SAM 2.1 size", style=wide),
         button=widgets.Button(description="Segment", button_style="primary", icon="search"),
         output=widgets.Output(), container=None, settings=settings,
+        backend=widgets.Dropdown(options=[(label, key) for key, label in BACKENDS.items()], value=values["backend"],
+                                 description="backend", style=wide),
     )
     ui.container = widgets.VBox([
         widgets.HBox([ui.upload, ui.path]), ui.prompt,
         widgets.HBox([ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
-        widgets.HBox([ui.sam_size, ui.button]), ui.output,
+        widgets.HBox([ui.backend, ui.sam_size, ui.button]), ui.output,
     ])
     loader = _keep_last_loaded(models_loader or default_models_loader)
     ui.button.on_click(lambda _button: handle_click(ui, loader, out_dir))
@@ -256,7 +270,9 @@ def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path 
         image, name = _read_image_input(ui)
         image_rgb = load_image(image)  # once here, so the saved overlay uses the very same pixels
         settings = ui.current_settings()
-        seg, overlay_rgb, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value, models_loader)
+        backend = ui.backend.value if ui.backend is not None else "gdino-sam2"
+        seg, overlay_rgb, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value, models_loader,
+                                            backend)
         summary = summary_line(seg)
         if out_dir is not None:
             summary += "\n" + _save(image_rgb, seg, Path(out_dir), name, settings, _describe(models, ui.sam_size.value))
