@@ -376,6 +376,34 @@ def build_real_config_models(root: str | os.PathLike) -> dict[str, Path]:
                                 "clipseg": ("clipseg-rd64-random", _save_real_clipseg)})
 
 
+def _save_real_sam3(folder: Path) -> None:
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    Sam3Model(Sam3Config()).eval().save_pretrained(folder)  # the default config is facebook/sam3's (840 M)
+    Sam3Processor(image_processor=Sam3ImageProcessor(), tokenizer=_tiny_clip_tokenizer()).save_pretrained(folder)
+
+
+def _save_real_sam3_video(folder: Path) -> None:
+    from transformers import (Sam2VideoVideoProcessor, Sam3ImageProcessor, Sam3VideoConfig, Sam3VideoModel,
+                              Sam3VideoProcessor)
+
+    Sam3VideoModel(Sam3VideoConfig()).eval().save_pretrained(folder)  # facebook/sam3's video model layout (860 M)
+    size = {"height": 1008, "width": 1008}
+    Sam3VideoProcessor(image_processor=Sam3ImageProcessor(), video_processor=Sam2VideoVideoProcessor(size=size),
+                       tokenizer=_tiny_clip_tokenizer()).save_pretrained(folder)
+
+
+def build_real_config_sam3_models(root: str | os.PathLike) -> dict[str, Path]:
+    """Random weights in facebook/sam3's image and video configurations, real image processors, a tiny tokenizer
+    (its ids fit the real vocabulary): real compute cost, no download (about 7 GB on disk).
+
+    Returns:
+        {"sam3", "sam3_video"} -> folders that load with `from_pretrained`.
+    """
+    return _build_models(root, {"sam3": ("sam3-random", _save_real_sam3),
+                                "sam3_video": ("sam3-video-random", _save_real_sam3_video)})
+
+
 # ----------------------------------------------------------------------------- detections.json schema (tests)
 
 DETECTIONS_TOP_LEVEL_KEYS = ("image", "prompt", "source", "detections", "models", "thresholds", "timings", "message")
