@@ -281,3 +281,51 @@ def test_compare_backends_runs_both_on_the_same_image_and_clip(sam3_dirs, tiny_s
     table = compare.comparison_table(runs)
     assert table.count("<tr>") == 3 and "SAM 3" in table and "GroundingDINO" in table
     assert compare.compare_backends(dataclasses.replace(config, backend="sam3")) is None  # only for "both"
+
+
+def test_video_out_of_memory_retries_offloaded_then_explains(sam3, tmp_path: Path, monkeypatch) -> None:
+    # A GPU cannot exist here, so its out-of-memory error is raised by a patched tracker.
+    from nbhelpers.seg.video import VideoOutOfMemoryError
+    from nbhelpers.seg.video import sam3_tracking
+
+    clip = make_test_video(tmp_path / "clip.mp4", frames=2, height=48, width=64)
+    offloads = []
+    real_init = sam3_tracking.Sam3StreamingTracker.__init__
+
+    def record_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        offloads.append(self.session.video_storage_device)
+
+    def out_of_memory(self, frame_index, frame_rgb):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(sam3_tracking.Sam3StreamingTracker, "__init__", record_init)
+    monkeypatch.setattr(sam3_tracking.Sam3StreamingTracker, "track", out_of_memory)
+    with pytest.warns(UserWarning, match="retrying once"), pytest.raises(VideoOutOfMemoryError, match="MAX_OBJECTS"):
+        segment_video_sam3(clip, "cat", sam3, tmp_path / "out", progress=False)
+    assert [str(device) for device in offloads] == ["cpu", "cpu"] and len(offloads) == 2  # tried twice, then explained
+    assert not (tmp_path / "out" / "video_overlay.mp4").exists() and not (tmp_path / "out" / "tracks.json").exists()
+
+
+def test_cli_sam3_folder_with_a_corrupt_image_writes_the_others(sam3_dirs, tmp_path: Path) -> None:
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(make_test_image(48, 64)).save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    Image.fromarray(make_test_image(40, 40)[:, :, 0]).save(folder / "grey.png")  # an odd (one-channel) image
+    code = main([str(folder), "--prompt", "cat", "--out", str(tmp_path / "out"), "--backend", "sam3",
+                 "--sam3", str(sam3_dirs["sam3"]), "--sam3-threshold", "0", "--device", "cpu"])
+    assert code == 2  # bad input reported, nothing lost
+    for name in ("good", "grey"):
+        validate_detections(json.loads((tmp_path / "out" / name / "detections.json").read_text()))
+    assert not (tmp_path / "out" / "broken").exists()
+
+
+@pytest.mark.parametrize("prompt", ["", " ., ;"])
+def test_cli_sam3_empty_prompt_exits_2(prompt: str, sam3_dirs, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+    Image.fromarray(make_test_image(48, 64)).save(tmp_path / "in.png")
+    assert main([str(tmp_path / "in.png"), "--prompt", prompt, "--out", str(tmp_path / "out"), "--backend", "sam3",
+                 "--sam3", str(sam3_dirs["sam3"]), "--device", "cpu"]) == 2
+    assert "name at least one object" in capsys.readouterr().err
