@@ -38,7 +38,7 @@ from nbhelpers.seg.image import segment_images  # noqa: E402
 from nbhelpers.seg.inference import clipseg_probabilities  # noqa: E402
 from nbhelpers.seg.models import Sam3Models, load_models, load_sam2_video, load_sam3_models  # noqa: E402
 from nbhelpers.seg.render import overlay  # noqa: E402
-from nbhelpers.seg.types import DetectionSettings, FrameDetections  # noqa: E402
+from nbhelpers.seg.types import DetectionSettings, FrameDetections, VideoSettings  # noqa: E402
 from nbhelpers.seg.video import segment_video  # noqa: E402
 from nbhelpers.seg.video.io import VideoWriter  # noqa: E402
 from nbhelpers.seg.video.sam3_tracking import segment_video_sam3  # noqa: E402
@@ -140,7 +140,8 @@ def measure_video(models, sam_video, args, base: dict, workdir: Path) -> None:
     for frames in args.video_frames:
         clip = write_clip(workdir / f"clip{frames}.mp4", frames, height, width)
         result = segment_video(clip, "a cat", models, workdir / f"out{frames}", sam_video=sam_video,
-                               detector=one_box_detector(height, width), progress=False)
+                               detector=one_box_detector(height, width), progress=False,
+                               video_settings=VideoSettings(redetect_every=0))  # one object throughout
         peaks[frames] = result.peak_gpu_memory_bytes
         record = base | {"measurement": "video_end_to_end", "frames": result.frames, "video_hw": [height, width],
                          "frames_per_second": round(result.frames_per_second, 2), "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
@@ -182,8 +183,8 @@ def measure_sam3_video(models: Sam3Models, args, base: dict, workdir: Path) -> N
     cuda = models.image.device.type == "cuda"
     for frames in args.video_frames:
         clip = write_clip(workdir / f"clip{frames}.mp4", frames, height, width)
-        result = segment_video_sam3(clip, "a cat", models, workdir / f"out{frames}", settings=SETTINGS, max_objects=1,
-                                    progress=False)
+        result = segment_video_sam3(clip, "a cat", models, workdir / f"out{frames}", settings=SETTINGS,
+                                    video_settings=VideoSettings(max_objects=1), progress=False)
         rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         record = base | {"measurement": "video_end_to_end", "frames": result.frames, "video_hw": [height, width],
                          "objects": len(result.tracks), "frames_per_second": round(result.frames_per_second, 3),

@@ -19,7 +19,7 @@ import numpy as np
 
 from nbhelpers.seg.video import tracking
 from nbhelpers.seg.models import load_models, load_sam2_video
-from nbhelpers.seg.types import FrameDetections
+from nbhelpers.seg.types import FrameDetections, VideoSettings
 from nbhelpers.seg.video import segment_video
 from nbhelpers.testing import build_tiny_segmentation_models, make_test_video
 
@@ -66,7 +66,8 @@ def main() -> None:
             clip = make_test_video(Path(temp) / f"clip{frames}.mp4", frames=frames, height=48, width=64)
             gc.collect()
             result, peak = peak_rss_during(lambda: segment_video(clip, "square", models, Path(temp) / f"out{frames}",
-                                                                 sam_video=sam_video, detector=detector, progress=False))
+                                                                 sam_video=sam_video, detector=detector, progress=False,
+                                                                 video_settings=VideoSettings(redetect_every=0)))
             print(json.dumps({"benchmark": "video_memory", "pruned": not args.no_prune, "frames": frames,
                               "peak_rss_mb": round(peak, 1), "frames_held_peak": result.frames_held_peak,
                               "frames_per_second": round(result.frames_per_second, 1)}), flush=True)

@@ -11,9 +11,11 @@ from PIL import Image
 
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.export import OUTPUT_FILES, load_detections
+from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.pipeline import output_folder
+from nbhelpers.seg.video import is_video_file
 from nbhelpers.testing import validate_detections
-from nbhelpers.testing import make_test_image
+from nbhelpers.testing import make_test_frame, make_test_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +60,7 @@ def test_missing_image_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path
                     *_model_args(tiny_seg_model_dirs))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'missing.jpg')!r} does not exist "
-                                                "(give an image file or a folder of images)"]
+                                                "(give an image file, a folder of images or a video)"]
 
 
 # The other bad inputs go through main() in this process (the same code as the subprocess, without paying
@@ -130,3 +132,34 @@ def test_same_stem_gets_distinct_folders(tmp_path: Path) -> None:
     assert output_folder(tmp_path, "a.jpg", used) == tmp_path / "a"
     assert output_folder(tmp_path, "a.png", used) == tmp_path / "a_png"
     assert output_folder(tmp_path, "b.png", used) == tmp_path / "b"
+
+
+def _save_gif(path: Path, frames: int) -> Path:
+    pictures = [Image.fromarray(make_test_frame(index, 48, 64)) for index in range(frames)]
+    pictures[0].save(path, save_all=frames > 1, append_images=pictures[1:], duration=100, loop=0)
+    return path
+
+
+def test_a_gif_is_a_video_only_when_animated(tmp_path: Path) -> None:
+    still, animated = _save_gif(tmp_path / "still.gif", 1), _save_gif(tmp_path / "moving.gif", 4)
+    assert not is_video_file(still) and is_video_file(animated)
+    assert list_image_files(tmp_path) == [still]  # the folder rule is the same as the single-file one
+    assert "video" in cli.build_parser().format_help() and "GIF" in cli.build_parser().format_help()
+
+
+def test_single_frame_gif_runs_as_an_image(tiny_seg_model_dirs, tiny_seg_models, tmp_path: Path) -> None:
+    still = _save_gif(tmp_path / "still.gif", 1)
+    code = cli.main([str(still), "--prompt", "a cat", "--out", str(tmp_path / "out"), "--box-threshold", "0.05",
+                     *_model_args(tiny_seg_model_dirs)])
+    assert code == 0 and (tmp_path / "out" / "still" / "detections.json").is_file()
+
+
+def test_folder_names_the_videos_it_leaves_out(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _save_gif(image_folder / "moving.gif", 4)
+    _save_gif(image_folder / "still.gif", 1)
+    code = cli.main([str(image_folder), "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                     *_model_args(tiny_seg_model_dirs)])
+    err = capsys.readouterr().err
+    assert code == 0 and "1 video(s)" in err and "moving.gif" in err and "still.gif" not in err
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["kitchen", "still", "street"]

@@ -16,7 +16,7 @@ from nbhelpers.seg.__main__ import main
 from nbhelpers.seg.backends import Sam3Backend, as_backend
 from nbhelpers.seg.image import segment_image, segment_images
 from nbhelpers.seg.models import ModelLoadError, load_grounding_dino, load_sam3_models
-from nbhelpers.seg.types import DetectionSettings
+from nbhelpers.seg.types import DetectionSettings, VideoSettings
 from nbhelpers.seg.video.sam3_tracking import Sam3StreamingTracker, segment_video_sam3
 from nbhelpers.testing import (TINY_SAM3_VIDEO_THRESHOLDS, build_tiny_mm_grounding_dino,
                                make_test_frame, make_test_image, make_test_video, validate_detections)
@@ -252,7 +252,8 @@ def test_video_bad_inputs(sam3, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="name at least one object"):
         segment_video_sam3(tmp_path / "bad.mp4", " . ", sam3, tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="max_frames"):
-        segment_video_sam3(tmp_path / "bad.mp4", "cat", sam3, tmp_path / "out", max_frames=0, progress=False)
+        segment_video_sam3(tmp_path / "bad.mp4", "cat", sam3, tmp_path / "out",
+                           video_settings=VideoSettings(max_frames=0), progress=False)
 
 
 def test_as_backend_picks_sam3(sam3) -> None:
@@ -271,7 +272,8 @@ def test_compare_backends_runs_both_on_the_same_image_and_clip(sam3_dirs, tiny_s
     config = SegmentConfig(images=str(image), prompt="cat", out_dir=str(tmp_path / "out"), backend="both",
                            dino_model=str(dirs["dino"]), sam_model=str(dirs["sam"]), clipseg_model=str(dirs["clipseg"]),
                            sam3_model=str(sam3_dirs["sam3"]), sam3_video_model=str(sam3_dirs["sam3_video"]),
-                           detection=dataclasses.replace(VIDEO, clipseg_threshold=0.0), video=str(clip), max_frames=2,
+                           detection=dataclasses.replace(VIDEO, clipseg_threshold=0.0), video=str(clip),
+                           video_settings=VideoSettings(max_frames=2),
                            device="cpu")
     runs = compare.compare_backends(config)
     assert [run.backend for run in runs] == ["gdino-sam2", "sam3"]

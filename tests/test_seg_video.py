@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nbhelpers.seg.models import load_sam2_video
-from nbhelpers.seg.types import DetectionSettings, FrameDetections, FrameMasks
+from nbhelpers.seg.types import DetectionSettings, FrameDetections, FrameMasks, VideoSettings
 from nbhelpers.seg.video import VideoError, load_tracks, segment_video
 from nbhelpers.seg.video import segment as video_module
 from nbhelpers.seg.video.tracking import StreamingTracker
@@ -54,7 +54,8 @@ def _mp4_frames(path: Path) -> tuple[int, float, tuple[int, int]]:
 def test_frames_in_equal_frames_out_with_same_size_and_fps(tiny_seg_models, sam_video, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "clip.mp4", frames=18, height=48, width=64, fps=15.0)
     result = segment_video(clip, "square", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
-                           detector=scripted_detector, save_id_maps=True, progress=False)
+                           detector=scripted_detector, save_id_maps=True, progress=False,
+                           video_settings=VideoSettings(redetect_every=0))  # random SAM masks: no re-detection
     count, fps, size = _mp4_frames(result.files["overlay"])
     assert (count, fps, size) == (18, 15.0, (48, 64))
     assert result.frames == 18 and result.codec == "h264"
@@ -69,7 +70,8 @@ def test_frames_in_equal_frames_out_with_same_size_and_fps(tiny_seg_models, sam_
 def test_ids_stay_the_same_across_frames(tiny_seg_models, sam_video, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "clip.mp4", frames=16, height=48, width=64)
     result = segment_video(clip, "square. circle", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
-                           detector=scripted_detector, save_masks=True, progress=False)
+                           detector=scripted_detector, save_masks=True, progress=False,
+                           video_settings=VideoSettings(redetect_every=0))
     tracks = load_tracks(result.files["tracks"])
     assert [o["id"] for o in tracks["objects"]] == [1]
     square = tracks["objects"][0]
@@ -81,9 +83,25 @@ def test_ids_stay_the_same_across_frames(tiny_seg_models, sam_video, tmp_path: P
 def test_stride_and_max_frames_keep_the_duration(tiny_seg_models, sam_video, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "clip.mp4", frames=20, height=48, width=64, fps=12.0)
     result = segment_video(clip, "square", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
-                           detector=scripted_detector, frame_stride=3, max_frames=5, progress=False)
+                           detector=scripted_detector, progress=False,
+                           video_settings=VideoSettings(frame_stride=3, max_frames=5))
     count, fps, _ = _mp4_frames(result.files["overlay"])
     assert (count, fps, result.output_fps) == (5, 4.0, 4.0)
+
+
+def test_stride_longer_than_the_video_keeps_the_duration(tiny_seg_models, sam_video, tmp_path: Path) -> None:
+    # 30 frames at 12 fps last 2.5 s; a stride of 100 keeps one frame, which must then play for 2.5 s
+    # (at 12/100 fps it would play for 8.3 s).
+    clip = make_test_video(tmp_path / "clip.mp4", frames=30, height=48, width=64, fps=12.0)
+    result = segment_video(clip, "square", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
+                           detector=scripted_detector, progress=False, video_settings=VideoSettings(frame_stride=100))
+    count, fps, _ = _mp4_frames(result.files["overlay"])
+    assert count == 1 and result.frames / result.output_fps == pytest.approx(2.5)
+    assert count / fps == pytest.approx(2.5, abs=0.05)
+    # Stride 4 keeps frames 0, 4, …, 28: 8 frames that must cover the 2.5 s too (at 12/4 fps: 2.67 s).
+    result = segment_video(clip, "square", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
+                           detector=scripted_detector, progress=False, video_settings=VideoSettings(frame_stride=4))
+    assert result.frames == 8 and result.frames / result.output_fps == pytest.approx(2.5)
 
 
 class ColourTracker:
@@ -102,6 +120,10 @@ class ColourTracker:
             x0, y0, x1, y1 = box.astype(int)
             self.labels[object_id] = next(label for label, mask in regions.items() if mask[y0:y1, x0:x1].any())
 
+    def remove_objects(self, object_ids):
+        for object_id in object_ids:
+            del self.labels[object_id]
+
     def track(self, frame_index, frame_rgb):
         regions = colour_regions(frame_rgb)
         masks = [regions.get(label, np.zeros(frame_rgb.shape[:2], bool)) for label in self.labels.values()]
@@ -113,7 +135,7 @@ def test_object_entering_mid_clip_gets_a_new_id(tiny_seg_models, sam_video, tmp_
     monkeypatch.setattr(video_module, "StreamingTracker", ColourTracker)
     clip = make_test_video(tmp_path / "clip.mp4", frames=24, height=48, width=64, enter_frame=12)
     result = segment_video(clip, "square. circle", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
-                           detector=scripted_detector, redetect_every=5, progress=False)
+                           detector=scripted_detector, video_settings=VideoSettings(redetect_every=5), progress=False)
     summary = [(t.object_id, t.label, t.first_frame) for t in result.tracks]
     # Re-detections at 5, 10, 15, 20: the square overlaps its own track (no duplicate); the disc, in from 12,
     # is new at the first re-detection after it entered.
@@ -125,14 +147,14 @@ def test_without_redetection_a_late_object_is_not_added(tiny_seg_models, sam_vid
     monkeypatch.setattr(video_module, "StreamingTracker", ColourTracker)
     clip = make_test_video(tmp_path / "clip.mp4", frames=20, height=48, width=64, enter_frame=12)
     result = segment_video(clip, "square. circle", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
-                           detector=scripted_detector, redetect_every=0, progress=False)
+                           detector=scripted_detector, video_settings=VideoSettings(redetect_every=0), progress=False)
     assert [t.label for t in result.tracks] == ["square"]
 
 
 def test_real_tiny_sam_with_redetection_keeps_ids_and_labels(tiny_seg_models, sam_video, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "clip.mp4", frames=20, height=48, width=64, enter_frame=8)
     result = segment_video(clip, "square. circle", tiny_seg_models, tmp_path / "out", sam_video=sam_video,
-                           detector=scripted_detector, redetect_every=5, progress=False)
+                           detector=scripted_detector, video_settings=VideoSettings(redetect_every=5), progress=False)
     ids = [t.object_id for t in result.tracks]
     assert ids == list(range(1, len(ids) + 1)) and result.tracks[0].label == "square"
     circles = [t for t in result.tracks if t.label == "circle"]
@@ -142,7 +164,8 @@ def test_real_tiny_sam_with_redetection_keeps_ids_and_labels(tiny_seg_models, sa
 
 def test_grounding_dino_path_end_to_end(tiny_seg_models, sam_video, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "clip.mp4", frames=6, height=48, width=64)
-    result = segment_video(clip, "a cat", tiny_seg_models, tmp_path / "out", sam_video=sam_video, max_objects=3, progress=False, settings=DetectionSettings(box_threshold=0.05))
+    result = segment_video(clip, "a cat", tiny_seg_models, tmp_path / "out", sam_video=sam_video, progress=False,
+                           video_settings=VideoSettings(max_objects=3), settings=DetectionSettings(box_threshold=0.05))
     assert result.seed_frame == 0 and 1 <= len(result.tracks) <= 3
     assert {t.source for t in result.tracks} == {"grounding-dino"} and {t.label for t in result.tracks} == {"a cat"}
 
@@ -255,10 +278,11 @@ def test_bad_videos_raise_clear_errors(case, error, match, tiny_seg_models, sam_
 
 
 @pytest.mark.parametrize("option, value", [("frame_stride", 0), ("max_frames", 0), ("redetect_every", -1),
-                                           ("new_object_iou", 1.5), ("max_objects", 0)])
-def test_bad_options_name_the_fix(option, value, tiny_seg_models, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=option):
-        segment_video(tmp_path / "never-read.mp4", "square", tiny_seg_models, tmp_path / "out", **{option: value})
+                                           ("match_iou", 1.5), ("max_objects", 0), ("forget_after_s", -1.0),
+                                           ("revive_distance", -1.0), ("merge_iou", 0.0), ("merge_frames", -1)])
+def test_bad_options_name_the_fix(option, value) -> None:
+    with pytest.raises(ValueError, match=f"^{option}="):
+        VideoSettings(**{option: value})
 
 
 def test_empty_prompt_is_refused(tiny_seg_models, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import cv2
 
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.video import load_tracks
-from nbhelpers.testing import make_test_video
+from nbhelpers.testing import make_test_frame, make_test_video
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,11 @@ def test_video_run_writes_overlay_and_tracks(tiny_seg_model_dirs, tmp_path: Path
     capture = cv2.VideoCapture(str(out / "video_overlay.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 and capture.get(cv2.CAP_PROP_FPS) == 8.0
     tracks = load_tracks(out / "tracks.json")
-    assert tracks["redetect_every"] == 3 and 1 <= len(tracks["objects"]) <= 2
+    objects = tracks["objects"]
+    assert tracks["redetect_every"] == 3 and tracks["max_objects"] == 2 and len(objects) >= 1
+    # MAX_OBJECTS counts objects at once: lost ones may be dropped for newcomers, never more than 2 live or seen.
+    assert sum(o["state"] in ("visible", "lost") for o in objects) <= 2
+    assert all(sum(f in [e["frame"] for e in o["frames"]] for o in objects) <= 2 for f in range(8))
     assert len(list((out / "id_maps").glob("*.png"))) == 8
 
 
@@ -54,3 +58,29 @@ def test_bad_video_option_exits_2(tiny_seg_model_dirs, tiny_seg_models, tmp_path
                      "--device", "cpu"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not load progress
     assert code == 2 and errors == ["error: frame_stride=0: use 1 (every frame) or more."], errors
+
+
+def test_animated_gif_is_a_video_and_a_cut_video_warns_on_stderr(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    from PIL import Image
+
+    pictures = [Image.fromarray(make_test_frame(index, 48, 64)) for index in range(3)]
+    gif = tmp_path / "moving.gif"
+    pictures[0].save(gif, save_all=True, append_images=pictures[1:], duration=100, loop=0)
+    done = _run_cli(tiny_seg_model_dirs, str(gif), "--prompt", "a cat", "--out", str(tmp_path / "gif"),
+                    "--box-threshold", "0.05")
+    assert done.returncode == 0, done.stderr
+    assert load_tracks(tmp_path / "gif" / "tracks.json")["frames"] == 3
+    # Half of an MJPG AVI: the header says 20 frames, a few decode. Those are kept; the notice is a warning
+    # on stderr, not part of the summary on stdout.
+    whole = tmp_path / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for index in range(20):
+        writer.write(make_test_frame(index, 48, 64))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    done = _run_cli(tiny_seg_model_dirs, str(cut), "--prompt", "a cat", "--out", str(tmp_path / "cut"),
+                    "--box-threshold", "1", "--clipseg-threshold", "1")
+    assert done.returncode == 0, done.stderr
+    assert "ended after" in done.stderr and "Warning" in done.stderr and "ended after" not in done.stdout
+    assert 1 <= load_tracks(tmp_path / "cut" / "tracks.json")["frames"] < 20

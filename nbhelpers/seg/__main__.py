@@ -4,10 +4,11 @@
         [--sam3 ID_OR_DIR] [--sam3-threshold F] [--sam3-mask-threshold F] [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
         [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
     python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
-        [--max-frames N] [--max-objects N] [--id-maps] [--save-masks] [--offload]   (+ the options above)
+        [--max-frames N] [--max-objects N] [--forget-after SECONDS] [--clipseg-redetect] [--id-maps]
+        [--save-masks] [--offload]   (+ the options above)
 
 Writes DIR/<image stem>/{mask.png, instances.png, overlay.png, detections.json} per image; for a video
-(.mp4, .mov, .avi, .mkv, .webm, …) DIR/video_overlay.mp4 and DIR/tracks.json (+ DIR/id_maps/ with --id-maps).
+(.mp4, .mov, .avi, .mkv, .webm, …, and animated GIFs; a single-frame GIF is an image) DIR/video_overlay.mp4 and DIR/tracks.json (+ DIR/id_maps/ with --id-maps).
 Exit codes: 0 done (also when nothing was found), 2 bad input (missing file, empty prompt, bad model path,
 unreadable image: the others are still written), 1 unexpected error.
 """
@@ -18,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from nbhelpers.seg.types import DetectionSettings
+from nbhelpers.seg.types import DetectionSettings, VideoSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -41,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = DetectionSettings()
     parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
-                     "(CLIPSeg fallback) for an image or every image of a folder.")
-    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images")
+                     "(CLIPSeg fallback) for an image, every image of a folder, or a video (SAM 2 tracking).")
+    parser.add_argument("images", metavar="IMAGE_FOLDER_OR_VIDEO",
+                        help="an image file, a folder of images, or a video (.mp4, .mov, .avi, .mkv, .webm, …; an "
+                             "animated GIF is a video, a single-frame GIF an image)")
     parser.add_argument("--prompt", required=True, help='objects to find, e.g. "a cat. a remote" or "cat, dog"')
     parser.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per image)")
     parser.add_argument("--backend", choices=("gdino-sam2", "sam3"), default="gdino-sam2",
@@ -70,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: auto)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     video = parser.add_argument_group("video")
-    video.add_argument("--redetect-every", type=int, default=10, help="frames between detections adding new objects (0: once); gdino-sam2 only: sam3 detects "
-                       "on every frame")
-    video.add_argument("--frame-stride", type=int, default=1, help="process every n-th frame")
-    video.add_argument("--max-frames", type=int, default=None, help="stop after this many processed frames")
-    video.add_argument("--max-objects", type=int, default=20, help="most objects tracked at once")
+    video_defaults = VideoSettings()
+    video.add_argument("--redetect-every", type=int, default=video_defaults.redetect_every,
+                       help="frames between detections that add or revive objects; 0 = detect once (default "
+                            "%(default)s); gdino-sam2 only: sam3 detects on every frame")
+    video.add_argument("--frame-stride", type=int, default=video_defaults.frame_stride, help="process every n-th frame")
+    video.add_argument("--max-frames", type=int, default=video_defaults.max_frames,
+                       help="stop after this many processed frames")
+    video.add_argument("--max-objects", type=int, default=video_defaults.max_objects,
+                       help="most objects tracked at once (default %(default)s)")
+    video.add_argument("--forget-after", type=float, default=video_defaults.forget_after_s, metavar="SECONDS",
+                       help="a lost object leaves the session after this many seconds of video (default %(default)s)")
+    video.add_argument("--clipseg-redetect", action="store_true",
+                       help="let CLIPSeg add objects at re-detection frames too (by default it only seeds the first ones)")
     video.add_argument("--id-maps", action="store_true", help="also write a uint16 object-id PNG per frame")
     video.add_argument("--save-masks", action="store_true", help="RLE masks per frame in tracks.json")
     video.add_argument("--offload", action="store_true", help="keep frames and SAM 2 state on the CPU")
@@ -95,7 +106,7 @@ def _prepare(args: argparse.Namespace):
     try:
         source = Path(args.images).expanduser()
         if not source.exists():
-            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file or a folder of images)")
+            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file, a folder of images or a video)")
         if source.is_dir() and not list_image_files(source):
             raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         if is_video_file(source):
@@ -123,6 +134,12 @@ def _settings(args: argparse.Namespace) -> DetectionSettings:
                              sam3_threshold=args.sam3_threshold, sam3_mask_threshold=args.sam3_mask_threshold)
 
 
+def _video_settings(args: argparse.Namespace) -> VideoSettings:
+    return VideoSettings(frame_stride=args.frame_stride, max_frames=args.max_frames, redetect_every=args.redetect_every,
+                         max_objects=args.max_objects, forget_after_s=args.forget_after,
+                         clipseg_redetect=args.clipseg_redetect)
+
+
 def run_video(args: argparse.Namespace, source: Path, models) -> int:
     """Segment a video into --out; returns the exit code."""
     from nbhelpers.seg.pipeline import segment_any_video
@@ -130,8 +147,7 @@ def run_video(args: argparse.Namespace, source: Path, models) -> int:
 
     try:
         result = segment_any_video(
-            source, args.prompt, models, args.out, settings=_settings(args), frame_stride=args.frame_stride,
-            max_frames=args.max_frames, redetect_every=args.redetect_every, max_objects=args.max_objects,
+            source, args.prompt, models, args.out, settings=_settings(args), video_settings=_video_settings(args),
             save_id_maps=args.id_maps, save_masks=args.save_masks, offload_frames=args.offload,
             offload_state=args.offload)
     except (ValueError, VideoOutOfMemoryError) as error:  # bad options, an unreadable video, or too little GPU memory
@@ -153,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, detection=_settings(args), batch_size=args.batch_size, device=args.device,
     )
     unreadable: list[str] = []
+    if source.is_dir() and (videos := sorted(path.name for path in source.iterdir() if is_video_file(path))):
+        print(f"note: {len(videos)} video(s) in the folder are not processed with its images ({', '.join(videos[:5])}"
+              f"{', …' if len(videos) > 5 else ''}): run each on its own, `python -m nbhelpers.seg VIDEO --prompt …`.",
+              file=sys.stderr)
 
     def report_unreadable(name: str, error: Exception) -> None:
         unreadable.append(name)

@@ -59,9 +59,7 @@ def run_backend(config: SegmentConfig, backend: str, image_rgb: np.ndarray, vide
     clip = None
     if video:
         clip = segment_any_video(config.video_source(), config.video_prompt or config.prompt, models, out / "video",
-                                 redetect_every=config.redetect_every, settings=config.detection,
-                                 frame_stride=config.frame_stride, max_frames=config.max_frames,
-                                 max_objects=config.max_objects, progress=False)
+                                 settings=config.detection, video_settings=config.video_settings, progress=False)
     return BackendRun(backend, models.describe(), _parameters(models), segmentation, image_rgb, seconds, clip)
 
 

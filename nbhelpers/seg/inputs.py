@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # a GIF only if it is one frame
 
 
 # ----------------------------------------------------------------------------- image loading
@@ -76,9 +76,22 @@ def load_image(source: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarr
         ) from error
 
 
+def is_animated(path: str | os.PathLike) -> bool:
+    """True for an image file with several frames (an animated GIF, WebP, TIFF): it is a video, not an image.
+
+    An unreadable file counts as not animated (loading it as an image then reports the problem).
+    """
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1) > 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside `folder` (by extension), sorted by name."""
-    return sorted(path for path in Path(folder).iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files directly inside `folder` (by extension; animated GIFs are videos), sorted by name."""
+    return sorted(path for path in Path(folder).iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+                  and not (path.suffix.lower() == ".gif" and is_animated(path)))
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -19,7 +19,7 @@ from nbhelpers.seg.inputs import load_image
 from nbhelpers.seg.models import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, Sam3Models, SegmentationModels,
                                   load_models, load_sam3_models)
 from nbhelpers.seg.render import show_overlay
-from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation
+from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation, VideoSettings
 from nbhelpers.seg.video import segment_video
 from nbhelpers.seg.video.sam3_tracking import segment_video_sam3
 
@@ -48,10 +48,8 @@ class SegmentConfig:
     # video (segment_video)
     video: str | None = None  # a video file; None = the sample clip in assets/
     video_prompt: str | None = None  # None = `prompt`
-    frame_stride: int = 1  # process every n-th frame (the overlay keeps the source's duration)
-    max_frames: int | None = None  # stop after this many processed frames; None = the whole video
-    redetect_every: int = 10  # frames between detections that add new objects; 0 = detect once (SAM 3: every frame)
-    max_objects: int = 20  # most objects tracked at once (each costs SAM 2 time per frame)
+    # stride, re-detection, objects at once, ids (SAM 3: only stride, frame cap and objects at once apply)
+    video_settings: VideoSettings = field(default_factory=VideoSettings)
     save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
     save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
     offload_video: bool = False  # keep frames and SAM 2 state on the CPU (less GPU memory, slower)
@@ -140,13 +138,12 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
 # ----------------------------------------------------------------------------- video
 
 
-def segment_any_video(video, prompt, models: SegmentationModels | Sam3Models, out_dir, redetect_every: int = 10,
-                      **options) -> VideoSegmentation:
+def segment_any_video(video, prompt, models: SegmentationModels | Sam3Models, out_dir, **options) -> VideoSegmentation:
     """`segment_video` for GroundingDINO + SAM 2 models, `segment_video_sam3` for SAM 3 models (which detects on
-    every frame, so `redetect_every` does not apply to it). Other options as for `segment_video`."""
+    every frame, so `video_settings.redetect_every` does not apply to it). Options as for `segment_video`."""
     if isinstance(models, Sam3Models):
         return segment_video_sam3(video, prompt, models, out_dir, **options)
-    return segment_video(video, prompt, models, out_dir, redetect_every=redetect_every, **options)
+    return segment_video(video, prompt, models, out_dir, **options)
 
 
 def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | None = None, verbose: bool = True
@@ -160,9 +157,9 @@ def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | N
     models = models or load_configured_models(config)
     result = segment_any_video(
         source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
-        redetect_every=config.redetect_every, settings=config.detection, frame_stride=config.frame_stride,
-        max_frames=config.max_frames, max_objects=config.max_objects, save_id_maps=config.save_id_maps,
-        save_masks=config.save_masks, offload_frames=config.offload_video, offload_state=config.offload_video)
+        settings=config.detection, video_settings=config.video_settings, save_id_maps=config.save_id_maps,
+        save_masks=config.save_masks,
+        offload_frames=config.offload_video, offload_state=config.offload_video)
     if verbose:
         print(result.summary(), "->", result.files["overlay"].parent, flush=True)
     return result

@@ -2,6 +2,7 @@
 
 numpy only (no torch, no transformers): rendering, export and the UI import it cheaply.
     DetectionSettings  thresholds and limits of one run (the defaults live here and nowhere else)
+    VideoSettings      frame sampling and object identity in videos (its defaults likewise live only here)
     Detections         a detector's raw boxes for one image (phrase indices, before NMS)
     Segmentation       one image's result: boxes, labels, masks at the original resolution
     FrameDetections    objects found on one video frame (labels instead of phrase indices)
@@ -108,6 +109,48 @@ class Segmentation:
 # ----------------------------------------------------------------------------- video
 
 
+@dataclass(frozen=True)
+class VideoSettings:
+    """How a video is sampled and how its objects keep their ids; shared by the notebook, the CLI and segment_video.
+
+    Raises ValueError naming the field when a value is out of range.
+    """
+
+    frame_stride: int = 1  # process every n-th source frame (the overlay keeps the source's duration)
+    max_frames: int | None = None  # stop after this many processed frames; None = the whole video
+    redetect_every: int = 10  # processed frames between detections that add or revive objects; 0 = detect once
+    max_objects: int = 20  # most objects in SAM 2's session at once (each costs SAM 2 time on every frame)
+    forget_after_s: float = 3.0  # seconds of video a lost object stays in the session (revivable, costs SAM 2 time)
+    match_iou: float = 0.3  # IoU of a detection's box with a visible object's mask (or box) above which it is that object
+    revive_distance: float = 1.0  # box diagonals from where a lost object was last seen, plus as many per second lost,
+    #                               within which a detection of its label revives its id (0 = never revive)
+    merge_iou: float = 0.7  # mask IoU above which two visible objects count as one ...
+    merge_frames: int = 3  # ... once it lasts this many frames in a row: the younger id merges into the older; 0 = never
+    clipseg_redetect: bool = False  # let CLIPSeg regions add objects at re-detection frames too (else it only seeds)
+
+    def __post_init__(self) -> None:
+        checks = {"frame_stride": (self.frame_stride >= 1, "use 1 (every frame) or more"),
+                  "max_frames": (self.max_frames is None or self.max_frames >= 1, "use None (all) or at least 1"),
+                  "redetect_every": (self.redetect_every >= 0, "use 0 (off) or a number of frames"),
+                  "max_objects": (self.max_objects >= 1, "must be at least 1"),
+                  "forget_after_s": (self.forget_after_s >= 0, "use seconds of video, 0 or more"),
+                  "match_iou": (0.0 <= self.match_iou <= 1.0, "must be in [0, 1]"),
+                  "revive_distance": (self.revive_distance >= 0, "use 0 (off) or a number of box diagonals"),
+                  "merge_iou": (0.0 < self.merge_iou <= 1.0, "must be in (0, 1]"),
+                  "merge_frames": (self.merge_frames >= 0, "use 0 (off) or a number of frames")}
+        for name, (ok, fix) in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)}: {fix}.")
+
+    def forget_after_frames(self, output_fps: float) -> int:
+        """The forgetting horizon in processed frames at `output_fps` (at least 1)."""
+        return max(1, round(self.forget_after_s * output_fps))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Field -> value, for metadata files."""
+        return asdict(self)
+
+
 @dataclass
 class FrameDetections:
     """Objects found on one frame."""
@@ -139,6 +182,11 @@ class Track:
     last_frame: int | None = None  # last frame with a non-empty mask (None: never visible after seeding)
     lost_since: int | None = None  # first frame of its current absence; None while visible
     frames: list[dict[str, Any]] = field(default_factory=list)  # visible frames: {"frame", "box_xyxy"[, "mask_rle"]}
+    ended: str | None = None  # None while in SAM 2's session; "forgotten" (lost too long) or "merged" (a duplicate)
+    ended_frame: int | None = None  # frame it left the session on
+    merged_into: int | None = None  # for "merged": the older id that carries the object on
+    merged_ids: list[int] = field(default_factory=list)  # younger duplicate ids merged into this one
+    revived_frames: list[int] = field(default_factory=list)  # frames a detection brought it back under its id
 
     def record(self, frame: int, mask: np.ndarray | None, encode_mask: Callable[[np.ndarray], dict] | None = None) -> None:
         """Note this frame's mask (None or empty: not visible → the track is lost from here).
@@ -159,18 +207,32 @@ class Track:
 
     @property
     def state(self) -> str:
-        """"visible" if its mask was non-empty on the last frame recorded, else "lost"."""
+        """"forgotten" / "merged" once out of the session; else "visible" if its mask was non-empty on the last
+        frame recorded, else "lost"."""
+        if self.ended is not None:
+            return self.ended
         return "visible" if self.lost_since is None and self.last_frame is not None else "lost"
 
-    def latest_box(self) -> list[int] | None:
-        """Box of the most recent frame if the object is visible now, else None."""
-        return self.frames[-1]["box_xyxy"] if self.frames and self.lost_since is None else None
+    def frames_lost(self, frame: int) -> int:
+        """How many frames before `frame` its absence began (0 while visible; counted from `first_frame` if it
+        was never visible)."""
+        if self.state == "visible":
+            return 0
+        return frame - (self.lost_since if self.lost_since is not None else self.first_frame)
+
+    def end(self, frame: int, reason: str, merged_into: int | None = None) -> None:
+        """Leave the session on `frame` ("forgotten" or "merged"); the record keeps its frames."""
+        self.ended, self.ended_frame, self.merged_into = reason, frame, merged_into
+
+    def last_box(self) -> list[int] | None:
+        """Box (xyxy px) of the last frame it was visible on; None if it never was."""
+        return self.frames[-1]["box_xyxy"] if self.frames else None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.object_id, "label": self.label, "score": round(float(self.score), 4), "source": self.source,
                 "first_frame": self.first_frame, "last_frame": self.last_frame, "lost_since": self.lost_since,
-                "state": self.state,
-                "frames": self.frames}
+                "state": self.state, "ended_frame": self.ended_frame, "merged_into": self.merged_into,
+                "merged_ids": self.merged_ids, "revived_frames": self.revived_frames, "frames": self.frames}
 
 
 @dataclass

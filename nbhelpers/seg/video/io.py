@@ -18,6 +18,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from nbhelpers.seg.inputs import is_animated
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 REENCODE_HINT = "re-encode it, e.g. `ffmpeg -i INPUT -c:v libx264 -pix_fmt yuv420p OUTPUT.mp4`, and pass OUTPUT.mp4"
 DEFAULT_FPS = 30.0  # used when a file carries no frame rate
@@ -28,7 +30,9 @@ class VideoError(ValueError):
 
 
 def is_video_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+    """By extension; a GIF is a video only when animated (a single-frame GIF is an image)."""
+    suffix = Path(path).suffix.lower()
+    return suffix in VIDEO_EXTENSIONS and (suffix != ".gif" or is_animated(path))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -180,10 +184,14 @@ def _ffmpeg_frames(info: VideoInfo) -> Iterator[tuple[int, np.ndarray]]:
     import imageio_ffmpeg
 
     reader = imageio_ffmpeg.read_frames(str(info.path))
+    index = 0
     try:
         next(reader)  # metadata
         for index, raw in enumerate(reader):
             yield index, np.frombuffer(raw, np.uint8).reshape(info.height, info.width, 3)
+    except (RuntimeError, OSError) as error:  # a broken stream: keep what was decoded
+        warnings.warn(f"{info.path.name}: decoding stopped after frame {index} ({str(error).strip()[-200:]}); "
+                      f"the outputs cover the frames before it.", stacklevel=2)
     finally:
         reader.close()
 

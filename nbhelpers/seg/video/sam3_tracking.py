@@ -31,11 +31,11 @@ from nbhelpers.platform import ensure_writable_dir
 from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, Sam3Models
 from nbhelpers.seg.backends import Sam3Backend
-from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation
+from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation, VideoSettings
 from nbhelpers.seg.video.export import TRACKS_FILE, write_tracks
 from nbhelpers.seg.video.io import VideoInfo, probe_video
 from nbhelpers.seg.video.segment import (VideoOutOfMemoryError, encode_track_mask, expected_frames, free_cuda_memory,
-                                         run_frames, tracks_drawing)
+                                         output_fps, run_frames, tracks_drawing, warn_if_truncated)
 
 
 _DROPPED_FRAME = torch.empty(0)  # stands for a streamed frame whose pixels were freed (one object for all of them)
@@ -177,24 +177,27 @@ class _Sam3Run:
             track.record(frame, masks.get(object_id), encode_track_mask if self.save_masks else None)
         return result
 
+    @property
+    def objects_now(self) -> int:
+        """Objects in SAM 3's session now (the progress bar shows it)."""
+        return len(self.tracker.session.obj_ids)
+
     def drawing(self, frame: int, result: FrameMasks):
         return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam3-video")
 
 
 def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], models: Sam3Models,
                        out_dir: str | os.PathLike, settings: DetectionSettings = DetectionSettings(),
-                       frame_stride: int = 1, max_frames: int | None = None, max_objects: int = 20,
-                       save_id_maps: bool = False, save_masks: bool = False, offload_frames: bool = False,
-                       offload_state: bool = False, alpha: float = 0.5, progress: bool = True) -> VideoSegmentation:
+                       video_settings: VideoSettings = VideoSettings(), save_id_maps: bool = False,
+                       save_masks: bool = False, offload_frames: bool = False, offload_state: bool = False,
+                       alpha: float = 0.5, progress: bool = True) -> VideoSegmentation:
     """SAM 3's `segment_video`: the same outputs (video_overlay.mp4, tracks.json, id maps), new objects found by
-    SAM 3's own per-frame detection (no redetect_every). Options as in nbhelpers.seg.video.segment_video;
-    `settings.sam3_threshold` is the detection score minimum and `settings.nms_iou` the duplicate-track overlap.
+    SAM 3's own per-frame detection. Options as in nbhelpers.seg.video.segment_video; of `video_settings` only
+    frame_stride, max_frames and max_objects apply (SAM 3 detects on every frame and keeps its own identities, so
+    redetect_every and the re-identification settings do not). `settings.sam3_threshold` is the detection score
+    minimum and `settings.nms_iou` the duplicate-track overlap.
     """
-    for ok, message in [(frame_stride >= 1, f"frame_stride={frame_stride}: use 1 (every frame) or more."),
-                        (max_frames is None or max_frames >= 1, f"max_frames={max_frames}: use None (all) or at least 1."),
-                        (max_objects >= 1, f"max_objects={max_objects}: must be at least 1.")]:
-        if not ok:
-            raise ValueError(message)
+    stride, max_frames, max_objects = video_settings.frame_stride, video_settings.max_frames, video_settings.max_objects
     phrases = Sam3Backend(models).fit_phrases(prompt_phrases(prompt))
     info = probe_video(video)
     out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
@@ -204,8 +207,8 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
         try:
             tracker = Sam3StreamingTracker(sam3_video, phrases, info.height, info.width, settings, max_objects, *offloaded)
             run, frames, seconds, peak, files, codec = run_frames(
-                _Sam3Run(info, tracker, save_masks), info, sam3_video.device, out, alpha, frame_stride, max_frames,
-                save_id_maps, progress)
+                _Sam3Run(info, tracker, save_masks), info, sam3_video.device, out, video_settings, alpha, save_id_maps,
+                progress)
             break
         except torch.cuda.OutOfMemoryError as error:
             free_cuda_memory()
@@ -219,17 +222,15 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
                if run.seed_frame is not None else
                f"no object matched {prompt_text!r} in any of the {frames} frames: the overlay is the plain video. "
                f"Lower SAM3_THRESHOLD or rephrase the prompt.")
-    expected = expected_frames(info, frame_stride, max_frames)
-    if expected and frames < expected - 1:
-        message += f" The video ended after {frames} of {expected} frames (truncated or corrupt file?)."
+    warn_if_truncated(info, frames, expected_frames(info, stride, max_frames))
     if tracker.duplicates:
         message += f" {len(tracker.duplicates)} duplicate track(s) removed."
     result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
-                               info.fps / frame_stride, list(run.tracks.values()), run.seed_frame, codec, message,
+                               output_fps(info, stride, max_frames), list(run.tracks.values()), run.seed_frame, codec, message,
                                files, seconds, peak, tracker.frames_held_peak, *offloaded)
     metadata = {"video": result.video, "prompt": result.prompt, "frames": frames, "height": info.height,
                 "width": info.width, "source_fps": info.fps, "output_fps": result.output_fps,
-                "frame_stride": frame_stride, "seed_frame": run.seed_frame, "max_objects": max_objects,
+                "frame_stride": stride, "max_frames": max_frames, "seed_frame": run.seed_frame, "max_objects": max_objects,
                 "backend": "sam3", "detector": "sam3 (every frame)", "thresholds": settings.as_dict(),
                 "models": models.describe() | {"sam3_video_backend": sam3_video.backend}, "codec": codec,
                 "duplicates_removed": len(tracker.duplicates), "seconds": round(seconds, 3),

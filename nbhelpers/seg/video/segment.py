@@ -4,20 +4,21 @@ Frames stream from disk one at a time; the overlay MP4 is written as frames come
 its memory window (nbhelpers.seg.video.tracking), so memory stays flat however long the video is.
 
     models = load_models(device=...)
-    result = segment_video("clip.mp4", "a person. a dog", models, out_dir="outputs/q2_video", redetect_every=15)
+    result = segment_video("clip.mp4", "a person. a dog", models, out_dir="outputs/q2_video",
+                           video_settings=VideoSettings(redetect_every=15))
+
+Who is who (new, revived, forgotten and merged objects) is decided in nbhelpers.seg.video.identity.
 """
 from __future__ import annotations
 
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from nbhelpers.platform import ensure_writable_dir, select_runtime
@@ -26,9 +27,11 @@ from nbhelpers.seg.export import encode_masks
 from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_video
 from nbhelpers.seg.render import overlay
-from nbhelpers.seg.types import DetectionSettings, FrameDetections, FrameMasks, Segmentation, Track, VideoSegmentation
+from nbhelpers.seg.types import (DetectionSettings, FrameDetections, FrameMasks, Segmentation, Track,
+                                 VideoSegmentation, VideoSettings)
 from nbhelpers.seg.video.export import OVERLAY_FILE, TRACKS_FILE, IdMapWriter, write_tracks
-from nbhelpers.seg.video.io import VideoInfo, VideoWriter, iter_frames, probe_video
+from nbhelpers.seg.video.identity import Identities
+from nbhelpers.seg.video.io import REENCODE_HINT, VideoInfo, VideoWriter, iter_frames, probe_video
 from nbhelpers.seg.video.overlap import OrderedWorker, prefetch
 from nbhelpers.seg.video.tracking import StreamingTracker
 
@@ -42,59 +45,51 @@ class VideoOutOfMemoryError(RuntimeError):
 # ----------------------------------------------------------------------------- the frame loop
 
 
-@dataclass
-class _Options:
-    redetect_every: int
-    new_object_iou: float
-    max_objects: int
-    save_masks: bool
-    alpha: float
-
-
 class _VideoRun:
-    """State of one pass over the video: tracks, the SAM 2 session and the writers."""
+    """State of one pass over the video: the detector, the SAM 2 session and who is who (Identities)."""
 
-    def __init__(self, info: VideoInfo, detect: Detector, tracker: StreamingTracker, options: _Options):
-        self.info, self.detect, self.tracker, self.options = info, detect, tracker, options
-        self.tracks: dict[int, Track] = {}
+    def __init__(self, info: VideoInfo, detect: Detector, tracker: StreamingTracker, settings: VideoSettings,
+                 output_fps: float, save_masks: bool):
+        self.info, self.detect, self.tracker, self.settings = info, detect, tracker, settings
+        self.identities = Identities(settings, output_fps, (info.height, info.width), encode_track_mask if save_masks else None)
+        self.tracks = self.identities.tracks
         self.seed_frame: int | None = None
-        self.skipped_for_cap = 0
+        self.clipseg_ignored = 0  # CLIPSeg detections left out at re-detection frames
 
     def detection_due(self, frame: int) -> bool:
         if self.seed_frame is None:
             return True  # until the first detection, every frame is searched
-        every = self.options.redetect_every
+        every = self.settings.redetect_every
         return every > 0 and frame > self.seed_frame and (frame - self.seed_frame) % every == 0
 
-    def add_new_objects(self, frame: int, frame_rgb: np.ndarray) -> None:
-        """Detect; objects not overlapping a visible track (box IoU < new_object_iou) get new ids."""
+    def prompt_objects(self, frame: int, frame_rgb: np.ndarray) -> None:
+        """Detect; revive lost objects and add new ones (nbhelpers.seg.video.identity decides which)."""
         found = self.detect(frame_rgb)
+        if self.seed_frame is not None and found.source == "clipseg-fallback" and not self.settings.clipseg_redetect:
+            self.clipseg_ignored += len(found.labels)  # its coarse regions would start phantom objects
+            return
         if not len(found.labels):
             return
-        visible = [box for box in (track.latest_box() for track in self.tracks.values()) if box is not None]
-        fresh = np.arange(len(found.labels))
-        if visible:
-            overlap = box_iou(torch.as_tensor(found.boxes, dtype=torch.float32), torch.tensor(visible, dtype=torch.float32))
-            fresh = np.flatnonzero(overlap.max(dim=1).values.numpy() < self.options.new_object_iou)
-        room = self.options.max_objects - len(self.tracks)
-        self.skipped_for_cap += max(len(fresh) - max(room, 0), 0)
-        fresh = fresh[np.argsort(-found.scores[fresh], kind="stable")][:max(room, 0)]
-        if not len(fresh):
-            return
-        ids = list(range(len(self.tracks) + 1, len(self.tracks) + 1 + len(fresh)))  # ids count up, never reused
-        self.tracker.add_objects(frame, ids, found.boxes[fresh])
-        for object_id, index in zip(ids, fresh):
-            self.tracks[object_id] = Track(object_id, found.labels[index], float(found.scores[index]), found.source, frame)
-        self.seed_frame = frame if self.seed_frame is None else self.seed_frame
+        prompts = self.identities.assign(frame, found)
+        if prompts.drop:
+            self.tracker.remove_objects(prompts.drop)
+        if prompts.ids:
+            self.tracker.add_objects(frame, prompts.ids, prompts.boxes)
+            self.seed_frame = frame if self.seed_frame is None else self.seed_frame
 
     def step(self, frame: int, frame_rgb: np.ndarray) -> FrameMasks:
         if self.detection_due(frame):
-            self.add_new_objects(frame, frame_rgb)
+            self.prompt_objects(frame, frame_rgb)
         result = self.tracker.track(frame, frame_rgb)
-        masks = dict(zip(result.object_ids, result.masks))
-        for object_id, track in self.tracks.items():
-            track.record(frame, masks.get(object_id), encode_track_mask if self.options.save_masks else None)
+        leaving = self.identities.record(frame, result)
+        if leaving:
+            self.tracker.remove_objects(leaving)
         return result
+
+    @property
+    def objects_now(self) -> int:
+        """Objects in the session now (the progress bar shows it)."""
+        return len(self.identities.active)
 
     def drawing(self, frame: int, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
         return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam2-video")
@@ -104,7 +99,8 @@ def tracks_drawing(tracks: dict[int, Track], frame: int, result: FrameMasks, siz
                    ) -> tuple[Segmentation, list[int]] | None:
     """What to draw on this frame: (Segmentation labelled "#id label", colour indices), None when nothing is visible.
 
-    A snapshot: the tracks change while the writer thread draws. Every track seen on `frame` was recorded already.
+    A snapshot: the tracks change while the writer thread draws. Every track seen on `frame` was recorded already
+    (a track seen on it has it as its last frame).
     """
     visible = [i for i, object_id in enumerate(result.object_ids) if tracks[object_id].last_frame == frame]
     if not visible:
@@ -137,34 +133,50 @@ def expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int
     return min(count, max_frames) if max_frames else count
 
 
-def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir: Path, options: _Options,
-              stride: int, max_frames: int | None, save_id_maps: bool, offload: tuple[bool, bool], progress: bool):
+def output_fps(info: VideoInfo, stride: int, max_frames: int | None) -> float:
+    """Overlay frame rate that makes it last as long as the part of the source it covers.
+
+    source fps / stride, except where the stride does not divide that part: 1 frame kept of a 2.5 s clip plays
+    for 2.5 s, not for `stride` source frames.
+    """
+    if not info.frame_count:
+        return info.fps / stride
+    covered = min(info.frame_count, max_frames * stride) if max_frames else info.frame_count  # source frames
+    return -(-covered // stride) * info.fps / covered
+
+
+def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir: Path, settings: VideoSettings,
+              save_masks: bool, alpha: float, save_id_maps: bool, offload: tuple[bool, bool], progress: bool):
     """One pass over the video; every output appears only if the pass completes."""
-    run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, *offload), options)
-    return run_frames(run, info, sam_video.device, out_dir, options.alpha, stride, max_frames, save_id_maps, progress)
+    fps = output_fps(info, settings.frame_stride, settings.max_frames)
+    run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, *offload), settings, fps,
+                    save_masks)
+    return run_frames(run, info, sam_video.device, out_dir, settings, alpha, save_id_maps, progress)
 
 
-def run_frames(run, info: VideoInfo, device: torch.device, out_dir: Path, alpha: float, stride: int,
-               max_frames: int | None, save_id_maps: bool, progress: bool):
-    """Stream the frames through `run` (its step(frame, rgb) -> FrameMasks, drawing(frame, masks) and tracks) and
-    write the overlay (and id maps); every output appears only if the pass completes.
+def run_frames(run, info: VideoInfo, device: torch.device, out_dir: Path, settings: VideoSettings, alpha: float,
+               save_id_maps: bool, progress: bool):
+    """Stream the frames through `run` (its step(frame, rgb) -> FrameMasks, drawing(frame, masks), objects_now)
+    and write the overlay (and id maps); every output appears only if the pass completes.
 
     Returns:
         (run, frames processed, seconds, peak CUDA memory or None, {"overlay"[, "id_maps"]: path}, overlay codec).
     """
+    fps = output_fps(info, settings.frame_stride, settings.max_frames)
     id_maps = IdMapWriter(out_dir) if save_id_maps else None
-    writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, info.fps / stride)
+    writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, fps)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     frames, start, worker = 0, time.perf_counter(), OrderedWorker()
+    expected = expected_frames(info, settings.frame_stride, settings.max_frames)
     try:
-        with tqdm(total=expected_frames(info, stride, max_frames), desc="video", unit="frame", disable=not progress) as bar:
-            for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, stride, max_frames))):
+        with tqdm(total=expected, desc="video", unit="frame", disable=not progress) as bar:
+            for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, settings.frame_stride, settings.max_frames))):
                 result = run.step(frame, frame_rgb)
                 worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(frame, result), result, alpha)
                 frames += 1
-                bar.set_postfix(objects=len(run.tracks), refresh=False)
+                bar.set_postfix(objects=run.objects_now, refresh=False)
                 bar.update()
             worker.finish()
     except BaseException:
@@ -179,29 +191,26 @@ def run_frames(run, info: VideoInfo, device: torch.device, out_dir: Path, alpha:
     return run, frames, seconds, peak, files, writer.codec
 
 
-def _message(run: _VideoRun, frames: int, prompt: str, expected: int | None) -> str:
+def _message(run: _VideoRun, frames: int, prompt: str) -> str:
     if run.seed_frame is None:
-        message = (f"no object matched {prompt!r} in any of the {frames} frames: the overlay is the plain video. "
-                   f"Lower BOX_THRESHOLD / CLIPSEG_THRESHOLD or rephrase the prompt.")
-    else:
-        message = f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
-    if run.skipped_for_cap:
-        message += f" {run.skipped_for_cap} detection(s) not added: MAX_OBJECTS={run.options.max_objects} reached."
-    if expected and frames < expected - 1:
-        message += f" The video ended after {frames} of {expected} frames (truncated or corrupt file?)."
+        return (f"no object matched {prompt!r} in any of the {frames} frames: the overlay is the plain video. "
+                f"Lower BOX_THRESHOLD / CLIPSEG_THRESHOLD or rephrase the prompt.")
+    tracks = run.tracks.values()
+    message = f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
+    counts = {"revived": sum(len(t.revived_frames) for t in tracks), "merged": sum(t.ended == "merged" for t in tracks),
+              "forgotten": sum(t.ended == "forgotten" for t in tracks)}
+    if any(counts.values()):
+        message += " " + ", ".join(f"{what} {count}" for what, count in counts.items()) + "."
+    if run.identities.skipped_for_cap:
+        message += (f" {run.identities.skipped_for_cap} detection(s) not added: MAX_OBJECTS="
+                    f"{run.settings.max_objects} objects were visible at once.")
     return message
 
 
-def _check_options(frame_stride: int, max_frames: int | None, redetect_every: int, new_object_iou: float,
-                   max_objects: int) -> None:
-    checks = [(frame_stride >= 1, f"frame_stride={frame_stride}: use 1 (every frame) or more."),
-              (max_frames is None or max_frames >= 1, f"max_frames={max_frames}: use None (all) or at least 1."),
-              (redetect_every >= 0, f"redetect_every={redetect_every}: use 0 (off) or a number of frames."),
-              (0.0 <= new_object_iou <= 1.0, f"new_object_iou={new_object_iou}: must be in [0, 1]."),
-              (max_objects >= 1, f"max_objects={max_objects}: must be at least 1.")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+def warn_if_truncated(info: VideoInfo, frames: int, expected: int | None) -> None:
+    if expected and frames < expected - 1:
+        warnings.warn(f"{info.path.name}: the video ended after {frames} of {expected} frames (truncated or corrupt "
+                      f"file?); the outputs cover the frames decoded. If it should be longer, copy it again or {REENCODE_HINT}.", stacklevel=3)
 
 
 def _text_detector(models: SegmentationModels, phrases: list[str], settings: DetectionSettings) -> Detector:
@@ -221,10 +230,10 @@ def free_cuda_memory() -> None:
 
 def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models: SegmentationModels,
                   out_dir: str | os.PathLike, sam_video: LoadedModel | None = None,
-                  settings: DetectionSettings = DetectionSettings(), frame_stride: int = 1, max_frames: int | None = None, redetect_every: int = 0,
-                  new_object_iou: float = 0.3, max_objects: int = 20, save_id_maps: bool = False,
-                  save_masks: bool = False, offload_frames: bool = False, offload_state: bool = False, alpha: float = 0.5,
-                  detector: Detector | None = None, progress: bool = True) -> VideoSegmentation:
+                  settings: DetectionSettings = DetectionSettings(), video_settings: VideoSettings = VideoSettings(),
+                  save_id_maps: bool = False, save_masks: bool = False, offload_frames: bool = False,
+                  offload_state: bool = False, alpha: float = 0.5, detector: Detector | None = None,
+                  progress: bool = True) -> VideoSegmentation:
     """Segment the prompt's objects through a video and write OUT/video_overlay.mp4 and OUT/tracks.json.
 
     Args:
@@ -232,31 +241,26 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
         models: from load_models (GroundingDINO and CLIPSeg detect; SAM 2 comes from `sam_video`).
         out_dir: output folder (created). sam_video: from load_sam2_video; None = the checkpoint of models.sam.
         settings: detection settings, as for images (multimask does not apply: SAM 2 video predicts one mask).
-        frame_stride: process every n-th frame (the overlay plays at source fps / n, so it lasts as long).
-        max_frames: stop after this many processed frames (None: the whole video).
-        redetect_every: every n frames after the first detection, detect again and add objects whose box
-            overlaps no visible track by `new_object_iou` or more (0 = only the first detection).
-        max_objects: cap on tracked objects (each costs SAM 2 time on every frame).
+        video_settings: frame stride and cap, re-detection, objects at once, forgetting, merging (VideoSettings).
         save_id_maps: also write OUT/id_maps/NNNNNN.png (uint16 object ids). save_masks: RLE masks in tracks.json.
         offload_frames / offload_state: keep the preprocessed frames / SAM 2's memory on the CPU (less GPU memory,
             slower); after a GPU out-of-memory error the run is retried once with both on.
         detector: replaces GroundingDINO/CLIPSeg (frame RGB -> FrameDetections), e.g. for tests or other models.
     Returns:
-        VideoSegmentation; `files` lists what was written.
+        VideoSegmentation; `files` lists what was written. A video that stops decoding early keeps what was
+        decoded, with a warning.
     """
-    _check_options(frame_stride, max_frames, redetect_every, new_object_iou, max_objects)
     phrases = prompt_phrases(prompt)
     info = probe_video(video)
     out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
     if sam_video is None:
         sam_video = load_sam2_video(models.sam.model_id, select_runtime(str(models.sam.device), "auto", compile=False))
     detect = detector or _text_detector(models, phrases, settings)
-    options = _Options(redetect_every, new_object_iou, max_objects, save_masks, alpha)
     attempts = [(offload_frames, offload_state)] + ([(True, True)] if not (offload_frames and offload_state) else [])
     for offloaded in attempts:
         try:
-            run, frames, seconds, peak, files, codec = _run_pass(info, detect, sam_video, out, options, frame_stride,
-                                                                 max_frames, save_id_maps, offloaded, progress)
+            run, frames, seconds, peak, files, codec = _run_pass(info, detect, sam_video, out, video_settings, save_masks,
+                                                                 alpha, save_id_maps, offloaded, progress)
             break
         except torch.cuda.OutOfMemoryError as error:
             free_cuda_memory()
@@ -265,21 +269,22 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
                     "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
                     " fewer objects (MAX_OBJECTS), or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
             warnings.warn("GPU out of memory: retrying once with frames and SAM 2 state offloaded to the CPU.", stacklevel=2)
-    result = VideoSegmentation(info.path.name, normalize_prompt(phrases), frames, (info.height, info.width), info.fps,
-                               info.fps / frame_stride, list(run.tracks.values()), run.seed_frame, codec,
-                               _message(run, frames, normalize_prompt(phrases), expected_frames(info, frame_stride, max_frames)),
+    warn_if_truncated(info, frames, expected_frames(info, video_settings.frame_stride, video_settings.max_frames))
+    prompt_text = normalize_prompt(phrases)
+    result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
+                               output_fps(info, video_settings.frame_stride, video_settings.max_frames),
+                               list(run.tracks.values()), run.seed_frame, codec, _message(run, frames, prompt_text),
                                files, seconds, peak, run.tracker.frames_held_peak, *offloaded)
-    result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, _metadata(result, models, sam_video, options,
-                                                                                       frame_stride, detector is None))
+    metadata = _metadata(result, models, sam_video, video_settings, detector is None)
+    result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, metadata)
     return result
 
 
-def _metadata(result: VideoSegmentation, models: SegmentationModels, sam_video: LoadedModel, options: _Options,
-              frame_stride: int, text_detection: bool) -> dict:
+def _metadata(result: VideoSegmentation, models: SegmentationModels, sam_video: LoadedModel,
+              video_settings: VideoSettings, text_detection: bool) -> dict:
     return {"video": result.video, "prompt": result.prompt, "frames": result.frames, "height": result.size[0],
             "width": result.size[1], "source_fps": result.source_fps, "output_fps": result.output_fps,
-            "frame_stride": frame_stride, "seed_frame": result.seed_frame, "redetect_every": options.redetect_every,
-            "new_object_iou": options.new_object_iou, "max_objects": options.max_objects, "codec": result.codec,
+            "seed_frame": result.seed_frame, **video_settings.as_dict(), "codec": result.codec,
             "detector": "grounding-dino + clipseg fallback" if text_detection else "custom",
             "models": models.describe() | {"sam_video_model": sam_video.model_id, "sam_video_backend": sam_video.backend},
             "seconds": round(result.seconds, 3), "frames_per_second": round(result.frames_per_second, 2),

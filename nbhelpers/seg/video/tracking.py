@@ -6,6 +6,12 @@ the conditioning (prompted) frames, the last `num_maskmem - 1` frames' mask memo
 `max_object_pointers_in_encoder` past frames' object pointers, so `StreamingTracker` deletes everything older
 than that window after each frame. Frame numbers are passed explicitly (the session would otherwise number a
 new frame by how many it holds, which pruning changes).
+
+Objects can also leave the session (`remove_objects`: forgotten or merged ids then cost nothing per frame) and
+be prompted again under their id (`add_objects` with a known id: a revived object). transformers' session has
+no removal call, so `remove_objects` re-indexes its per-object dictionaries itself (checked against a session
+that never had the object in tests/test_seg_video_identity.py). Each object keeps two conditioning frames: its first
+prompt and its latest one, so repeated revivals do not grow the state either.
 """
 from __future__ import annotations
 
@@ -45,13 +51,32 @@ class StreamingTracker:
         return list(self.session.obj_ids)
 
     def add_objects(self, frame_index: int, object_ids: list[int], boxes_xyxy: np.ndarray) -> None:
-        """Prompt new objects with boxes (pixels, xyxy) on the frame `track` is called with next."""
-        assert len(object_ids) == len(boxes_xyxy) > 0, "one box per new object id"
-        known = set(self.session.obj_ids) & set(object_ids)
-        assert not known, f"object ids {sorted(known)} are already tracked"
+        """Prompt objects with boxes (pixels, xyxy) on the frame `track` is called with next; a known id is
+        prompted again (the box becomes a new conditioning frame for it)."""
+        assert len(object_ids) == len(boxes_xyxy) > 0, "one box per object id"
         boxes = [[[float(v) for v in box] for box in np.asarray(boxes_xyxy, np.float32)]]  # (1 image, N boxes, 4)
         self.loaded.processor.add_inputs_to_inference_session(
             self.session, frame_idx=frame_index, obj_ids=list(object_ids), input_boxes=boxes, original_size=self.size)
+
+    def remove_objects(self, object_ids: list[int]) -> None:
+        """Drop objects from the session: from the next frame on they cost nothing and are not reported."""
+        session = self.session
+        kept = [object_id for object_id in session.obj_ids if object_id not in set(object_ids)]
+        if len(kept) == len(session.obj_ids):
+            return
+        old_index = {object_id: session.obj_id_to_idx(object_id) for object_id in kept}
+        per_object = [session.point_inputs_per_obj, session.mask_inputs_per_obj, session.output_dict_per_obj,
+                      session.frames_tracked_per_obj]
+        kept_values = [[table[old_index[object_id]] for object_id in kept] for table in per_object]
+        for table, values in zip(per_object, kept_values):
+            table.clear()
+            table.update(enumerate(values))
+        session._obj_id_to_idx.clear()
+        session._obj_idx_to_id.clear()
+        for index, object_id in enumerate(kept):
+            session._obj_id_to_idx[object_id], session._obj_idx_to_id[index] = index, object_id
+        session.obj_ids = list(kept)
+        session.obj_with_new_inputs = [i for i in session.obj_with_new_inputs if i in old_index]
 
     @torch.inference_mode()
     def track(self, frame_index: int, frame_rgb: np.ndarray) -> FrameMasks:
@@ -79,6 +104,11 @@ class StreamingTracker:
             stored = outputs["non_cond_frame_outputs"]
             for key in [key for key in stored if key < oldest_kept]:
                 del stored[key]
+            prompts = sorted(outputs["cond_frame_outputs"])
+            for key in prompts[1:-1]:  # between the first prompt and the latest one (revivals)
+                del outputs["cond_frame_outputs"][key]
+                session.point_inputs_per_obj[object_index].pop(key, None)
+                session.mask_inputs_per_obj[object_index].pop(key, None)
             tracked = session.frames_tracked_per_obj[object_index]
             for key in [key for key in tracked if key < oldest_kept]:
                 del tracked[key]
