@@ -6,8 +6,15 @@ side effects at import: TF32 flags and the like are set only when `select_runtim
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -82,14 +89,27 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "OUT_DIR") -> Path:
     return path
 
 
+def ordinary_file_mode(path: Path) -> int:
+    """The mode an ordinary open(path, "w") would leave: the existing file's, else 0o666 minus the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through `write(file)` into a temp file beside `path`, fsync, then os.replace it into place.
 
-    A crash or error mid-write leaves any previous file at `path` untouched and no temp file behind.
+    A crash or error mid-write leaves any previous file at `path` untouched and no temp file behind. The file gets
+    the mode an ordinary write would give it (mkstemp's 0600 would hide it from other users of a shared drive).
     """
     path = Path(path)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temp_name, ordinary_file_mode(path))
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -99,6 +119,159 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         Path(temp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files that `atomic_write` (`.<name>.*.tmp`) and link helpers (`.<name>.link.tmp`) left behind.
+
+    Call only while holding the folder's RunLock: then no live writer owns them (a killed one left them).
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    removed = []
+    for temp in [*folder.glob(".*.tmp"), *folder.glob(".write_test_*")]:
+        if temp.is_file():
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
+
+
+class DiskFullError(OSError):
+    """Not enough free space for an output file; the message says how much is needed and what was kept."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    """Raise DiskFullError when `folder` has less than `needed_bytes` free (checked before hours of work)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise DiskFullError(f"{folder} has {free / 1e6:,.0f} MB free but {what} needs about {needed_bytes / 1e6:,.0f} MB. "
+                            "Free some space there or choose another OUT_DIR.")
+
+
+# ----------------------------------------------------------------------------- one run per output folder
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the output folder's lock."""
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """A lock file `.run.lock` (host, PID, start time) held on a folder for a run's lifetime.
+
+    A second run into the same folder gets RunLockedError naming the holder. A lock left by a dead process on
+    this host is taken over; one from another host (e.g. another Colab session on a shared Drive) cannot be
+    checked from here, so the message says how to remove it.
+    """
+
+    NAME = ".run.lock"
+
+    def __init__(self, folder: str | os.PathLike, what: str = "OUT_DIR"):
+        self.path = Path(folder) / self.NAME
+        self.what = what
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def __enter__(self) -> "RunLock":
+        for _ in range(3):  # a stale lock is moved away, then creation is retried
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, ordinary_file_mode(self.path))
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(handle, "w") as file:
+                json.dump(self.owner | {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, file)
+            return self
+        raise RunLockedError(f"Could not take the lock {self.path}; another run keeps recreating it.")
+
+    def holder(self) -> dict:
+        """The lock file's content ({} when unreadable, e.g. a holder still writing it)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _take_over_if_stale(self) -> None:
+        holder = self.holder()
+        same_host = holder.get("host") == self.owner["host"]
+        if not (same_host and isinstance(holder.get("pid"), int) and not process_is_alive(holder["pid"])):
+            who = f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+            raise RunLockedError(
+                f"{self.what}={str(self.path.parent)!r} is in use by another run ({who}). Wait for it to finish, "
+                f"choose another {self.what}, or, if that run is no longer running, delete {self.path}.")
+        stale = self.path.with_name(f"{self.NAME}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, stale)  # atomic: of two runs taking over, one moves it and the other retries
+        except FileNotFoundError:
+            return
+        stale.unlink(missing_ok=True)
+        print(f"Took over the lock of a run that is no longer running (PID {holder['pid']} on this host): {self.path}")
+
+    def __exit__(self, *exc_info) -> None:
+        if self.holder().get("pid") == self.owner["pid"] and self.holder().get("host") == self.owner["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- stop requests
+
+
+class StopSignals:
+    """Turn SIGINT / SIGTERM into a request that a loop checks at its next step boundary.
+
+    Kaggle sends SIGTERM before it ends a session; Ctrl-C and Jupyter's interrupt send SIGINT. A second SIGINT
+    raises KeyboardInterrupt at once (for a loop that never reaches a boundary). Handlers are installed only in
+    the main thread (elsewhere Python forbids it) and restored on exit.
+    """
+
+    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self):
+        self.received: int | None = None  # the first signal number seen
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.EXIT_CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised after a SIGINT/SIGTERM stop was saved; `exit_code` is 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = StopSignals.EXIT_CODES.get(signum, 130)
 
 
 # ----------------------------------------------------------------------------- device + precision
@@ -143,9 +316,12 @@ def _pick_device(device: str | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    chosen = torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"DEVICE={device!r} is not a device name. Use None (auto), 'cpu', 'cuda', 'cuda:1' or 'mps'.") from error
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"DEVICE={device!r} but no CUDA GPU is visible. Use DEVICE=None (auto) or 'cpu'.")
+        raise ValueError(f"DEVICE={device!r} but no CUDA GPU is visible. Use DEVICE=None (auto) or 'cpu'.")
     return chosen
 
 

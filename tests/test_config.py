@@ -1,4 +1,6 @@
 """Presets and parameter overrides."""
+import re
+
 import pytest
 
 from nbhelpers.vit.config import PRESETS, build_config
@@ -67,3 +69,29 @@ def test_layerscale_zero_turns_it_off_in_a_preset_that_has_it():
     assert any(".scale1.gamma" in name for name, _ in VisionTransformer(build_config("best").model).named_parameters())
     model = VisionTransformer(build_config("best", layerscale=0).model)
     assert not any(".scale1" in name or ".scale2" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("epochs", "ten", "EPOCHS='ten' must be a whole number"),
+    ("betas", 0.9, "BETAS=0.9 must be 2 numbers in brackets"),
+    ("checkpoint_minutes", "10m", "CHECKPOINT_MINUTES='10m' must be a number"),
+    ("epochs", 2.5, "EPOCHS=2.5 must be a whole number"),
+    ("lr", float("inf"), "LR=inf must be a finite number"),
+    ("min_lr", -5, "MIN_LR=-5 must be at least 0"),
+    ("warmup_epochs", -3, "WARMUP_EPOCHS=-3 must be at least 0"),
+    ("eval_batch_size", 0, "EVAL_BATCH_SIZE=0 must be greater than 0"),
+    ("tta", 1, "TTA=1 must be True or False"),
+    ("ema_decay", 1.0, "EMA_DECAY=1.0 must be below 1"),
+    ("dropout", 1.5, "DROPOUT=1.5 must be at most 1"),
+    ("device", 0, "DEVICE=0 must be a string or None"),
+])
+def test_every_field_is_type_and_range_checked_at_build_time(name, value, expected):
+    # each of these used to pass build_config and fail later (TypeError mid-run, "epoch 3/2.5", an infinite LR)
+    with pytest.raises(ValueError, match=re.escape(expected) + r" \(the preset's value is"):
+        build_config("smoke", **{name: value})
+
+
+def test_valid_values_of_the_annotated_types_are_accepted():
+    config = build_config("smoke", lr=1, betas=[0.8, 0.95], layerscale=None, device="cpu", stop_after_epochs=2)
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)  # an int for a float field is widened
+    assert config.train.betas == (0.8, 0.95)

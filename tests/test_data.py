@@ -1,6 +1,7 @@
 """nbhelpers.vit.data: every source is written into tmp_path by the test; the download is mocked (no network)."""
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -193,6 +194,53 @@ def test_a_different_source_invalidates_the_cache(tmp_path):
     splits = load_data(config(), tmp_path / "b", tmp_path / "cache")
     assert "cached" not in splits.source
     np.testing.assert_array_equal(splits.train_images, expected[0])
+
+
+def test_changed_source_files_invalidate_the_cache(tmp_path):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    write_batches(folder, seed=0)
+    load_data(config(), tmp_path / "data", tmp_path / "cache")
+    shutil.rmtree(folder)
+    expected = write_batches(folder, seed=7)  # the data was fixed in place: same path, new content
+    for index, name in enumerate(sorted(path.name for path in folder.iterdir())):
+        os.utime(folder / name, ns=(10**18 + index, 10**18 + index))  # a later modification time, whatever the clock
+    splits = load_data(config(), tmp_path / "data", tmp_path / "cache")
+    assert "cached" not in splits.source
+    np.testing.assert_array_equal(splits.train_labels, expected[1])
+    assert load_data(config(), tmp_path / "data", tmp_path / "cache").source.endswith("(cached)")
+
+
+@pytest.mark.parametrize("split", ["data_batch_3", "test_batch"])
+def test_labels_outside_the_classes_are_refused_when_loading(tmp_path, split):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_batches(folder)
+    with open(folder / split, "rb") as handle:
+        content = pickle.load(handle)
+    content[b"labels"][1] = 10
+    with open(folder / split, "wb") as handle:
+        pickle.dump(content, handle)
+    kind = "test" if split == "test_batch" else "train"
+    with pytest.raises(ValueError, match=rf"1 {kind} label\(s\) outside 0..9 \(10 classes\), e.g. 10 at index"):
+        load_data(config(), tmp_path, tmp_path / "cache")
+
+
+def test_rows_of_the_wrong_size_name_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_batches(folder)
+    with open(folder / "data_batch_2", "rb") as handle:
+        content = pickle.load(handle)
+    content[b"data"] = content[b"data"][:, :1024]  # one colour plane only
+    with open(folder / "data_batch_2", "wb") as handle:
+        pickle.dump(content, handle)
+    with pytest.raises(ValueError, match=r"data_batch_2: image rows have shape \(3, 1024\)"):
+        load_data(config(), tmp_path, tmp_path / "cache")
+
+
+def test_a_data_root_that_does_not_exist_is_not_created(tmp_path):
+    typo = tmp_path / "datta"
+    with pytest.raises(FileNotFoundError, match="DATA_ROOT=.*datta' does not exist. Check the path"):
+        load_data(config(data_root=str(typo)), typo, tmp_path / "cache")
+    assert not typo.exists()
 
 
 def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path):

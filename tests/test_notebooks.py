@@ -1,5 +1,8 @@
 """Both notebooks run end to end under papermill with smoke parameters (CPU, offline)."""
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -25,6 +28,18 @@ def test_notebook_is_thin_with_one_parameters_cell_after_the_imports(name):
     for line in cells[1].source.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             assert line.split("=")[0].strip().isupper(), f"parameters must be flat UPPER_CASE literals: {line}"
+
+
+@pytest.mark.parametrize("name", ["q1_vit_cifar10.ipynb", "q2_text_segmentation.ipynb"])
+def test_papermill_help_notebook_lists_every_parameter(name):
+    # papermill skips a parameter line with "=" in its comment: `-p NAME` then prints "Passed unknown parameter"
+    names = [line.split("=")[0].strip() for line in code_cells(name)[1].source.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    papermill_cli = Path(sys.executable).with_name("papermill")
+    shown = subprocess.run([str(papermill_cli), "--help-notebook", name], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert re.findall(r"^  (\w+): ", shown.stdout, re.M) == names
+    assert "Unable to parse" not in shown.stdout + shown.stderr
 
 
 def run(name: str, out: Path, **parameters) -> dict:

@@ -1,4 +1,8 @@
 """Platform detection, default paths, and the one place that picks device and precision."""
+import json
+import os
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -65,7 +69,7 @@ def test_forced_precision_and_bad_precision():
 
 def test_cuda_request_without_gpu_is_explained(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+    with pytest.raises(ValueError, match="no CUDA GPU"):  # bad input: the CLIs exit 2
         platform.select_runtime("cuda")
 
 
@@ -82,3 +86,48 @@ def test_importing_sets_no_global_flags():
     code = "import torch; before = torch.backends.cuda.matmul.allow_tf32; import nbhelpers.platform, nbhelpers.vit.train; print(before == torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled())"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert output == ["True", "False"]
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o002, 0o664)])
+def test_atomic_write_gives_new_files_the_mode_an_ordinary_write_would(tmp_path, umask, expected):
+    previous = os.umask(umask)
+    try:
+        platform.atomic_write(tmp_path / "new.json", lambda file: file.write(b"{}"))
+        with open(tmp_path / "ordinary.json", "w") as file:
+            file.write("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "ordinary.json").stat().st_mode) == expected
+
+
+def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    platform.atomic_write(path, lambda file: file.write(b"new"))
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_run_lock_names_the_holder_and_takes_over_only_a_dead_process(tmp_path, monkeypatch):
+    lock = tmp_path / platform.RunLock.NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "earlier"}))
+    with pytest.raises(platform.RunLockedError, match=rf"in use by another run \(host {socket.gethostname()}, PID {os.getpid()}"):
+        platform.RunLock(tmp_path).__enter__()
+    lock.write_text(json.dumps({"host": "another-machine", "pid": 1, "started": "earlier"}))
+    with pytest.raises(platform.RunLockedError, match="host another-machine.*if that run is no longer running, delete"):
+        platform.RunLock(tmp_path).__enter__()  # another host's process cannot be checked from here
+    monkeypatch.setattr(platform, "process_is_alive", lambda pid: False)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 99999999, "started": "earlier"}))
+    with platform.RunLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_stale_temp_files_are_found_by_their_names(tmp_path):
+    stale = [tmp_path / ".last.pt.abc.tmp", tmp_path / ".best.pt.link.tmp", tmp_path / ".write_test_123"]
+    kept = [tmp_path / "last.pt", tmp_path / "notes.tmp", tmp_path / ".run.lock"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(platform.remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in stale)

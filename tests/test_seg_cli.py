@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,43 @@ def test_unreadable_image_exits_2_after_writing_the_others(tiny_seg_model_dirs, 
     assert (tmp_path / "out" / "kitchen" / "detections.json").is_file()
     assert (tmp_path / "out" / "street" / "detections.json").is_file()
     assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_unreadable_images_are_found_before_any_model_is_loaded(tiny_seg_model_dirs, image_folder: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from nbhelpers.seg import models, pipeline
+
+    def no_loading(*args, **kwargs):  # a model load here is the minutes the check is there to save
+        raise AssertionError("models were loaded before the images were checked")
+
+    monkeypatch.setattr(models, "load_models", no_loading)
+    monkeypatch.setattr(pipeline, "load_models", no_loading)
+    broken = image_folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert cli.main([str(broken), "--prompt", "a cat", "--out", str(tmp_path / "out"), *_model_args(tiny_seg_model_dirs)]) == 2
+    printed = capsys.readouterr()
+    assert "loading models" not in printed.out and f"cannot read image {str(broken)!r}" in printed.err
+    with pytest.raises(ValueError, match="IMAGE_PATH: 1 unreadable image.*broken.png"):  # the notebook's models cell
+        pipeline.load_configured_models(pipeline.SegmentConfig(images=str(image_folder)))
+
+
+def test_error_lines_are_written_above_the_progress_bar(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A JPEG cut short keeps a valid header: it passes the up-front check and fails while the bar is drawn.
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(make_test_image(64, 64)).save(whole)
+    (image_folder / "broken.jpg").write_bytes(whole.read_bytes()[:400])
+    code = cli.main([str(image_folder), "--prompt", "a cat", "--out", str(tmp_path / "out"), *_model_args(tiny_seg_model_dirs)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error: skipped broken.jpg") == 1
+    fragments = re.split(r"[\r\n]", err)  # a line printed onto the bar would share its fragment with the bar's text
+    assert any(fragment.startswith("error: skipped broken.jpg") for fragment in fragments), err
+
+
+def test_a_threshold_that_is_not_a_number_is_named_as_the_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["x.jpg", "--prompt", "a cat", "--out", str(tmp_path), "--box-threshold", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --box-threshold: 'abc' is not a number in [0, 1]" in err and "_threshold" not in err
 
 
 def test_unexpected_error_exits_1(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path, tmp_path: Path,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 from nbhelpers.seg.types import DetectionSettings, VideoSettings
@@ -30,8 +31,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _threshold(text: str) -> float:
-    value = float(text)
+def fraction(text: str) -> float:
+    """argparse type for thresholds: a number in [0, 1] (argparse names this function in its own messages)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1]") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
     return value
@@ -53,17 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "sam3: SAM 3 segments every instance of each phrase (video: detects on every frame)")
     parser.add_argument("--sam3", default=DEFAULT_SAM3, help="SAM 3 hub id (gated: accept the licence, set HF_TOKEN) "
                         "or local folder")
-    parser.add_argument("--sam3-threshold", type=_threshold, default=defaults.sam3_threshold,
+    parser.add_argument("--sam3-threshold", type=fraction, default=defaults.sam3_threshold,
                         help="SAM 3 instance score minimum (default %(default)s)")
-    parser.add_argument("--sam3-mask-threshold", type=_threshold, default=defaults.sam3_mask_threshold,
+    parser.add_argument("--sam3-mask-threshold", type=fraction, default=defaults.sam3_mask_threshold,
                         help="SAM 3 mask probability cut (default %(default)s)")
-    parser.add_argument("--box-threshold", type=_threshold, default=defaults.box_threshold,
+    parser.add_argument("--box-threshold", type=fraction, default=defaults.box_threshold,
                         help="GroundingDINO box score minimum (default %(default)s)")
-    parser.add_argument("--text-threshold", type=_threshold, default=defaults.text_threshold,
+    parser.add_argument("--text-threshold", type=fraction, default=defaults.text_threshold,
                         help="GroundingDINO phrase score minimum (default %(default)s)")
-    parser.add_argument("--clipseg-threshold", type=_threshold, default=defaults.clipseg_threshold,
+    parser.add_argument("--clipseg-threshold", type=fraction, default=defaults.clipseg_threshold,
                         help="CLIPSeg fallback probability cut (default %(default)s)")
-    parser.add_argument("--nms-iou", type=_threshold, default=defaults.nms_iou,
+    parser.add_argument("--nms-iou", type=fraction, default=defaults.nms_iou,
                         help="per-label NMS overlap limit (default %(default)s)")
     parser.add_argument("--multimask", action="store_true", help="SAM: best of three masks per box")
     parser.add_argument("--dino", default=DEFAULT_DINO, help="detector: GroundingDINO / MM-Grounding-DINO / LLMDet hub "
@@ -99,7 +104,7 @@ class BadInput(Exception):
 def _prepare(args: argparse.Namespace):
     """Check the inputs cheaply first, then load the models; any problem here is the user's to fix."""
     from nbhelpers.platform import ensure_writable_dir, select_runtime
-    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, list_image_files, normalize_prompt
+    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, normalize_prompt
     from nbhelpers.seg.models import ModelLoadError, load_models, load_sam3_models, resolve_model_source
     from nbhelpers.seg.video import is_video_file, probe_video
 
@@ -112,6 +117,11 @@ def _prepare(args: argparse.Namespace):
         if is_video_file(source):
             probe_video(source)  # a corrupt or undecodable video fails here, before model loading
         normalize_prompt(args.prompt)  # an empty prompt fails here, before minutes of model loading
+        unreadable = [] if is_video_file(source) else find_unreadable_images(source)  # and so does a bad image
+        if unreadable and len(unreadable) == (len(list_image_files(source)) if source.is_dir() else 1):
+            raise ValueError("; ".join(str(error) for _, error in unreadable))
+        for name, error in unreadable:  # some of a folder: reported now, skipped later, the others still written
+            report_unreadable(args, name, error)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         ensure_writable_dir(args.out, "--out")
@@ -126,6 +136,15 @@ def _prepare(args: argparse.Namespace):
     except (FileNotFoundError, PermissionError, ValueError, ModelLoadError, RuntimeError) as error:
         raise BadInput(str(error)) from error
     return source, models
+
+
+def report_unreadable(args: argparse.Namespace, name: str, error: Exception) -> None:
+    """One `error: skipped` line per unreadable image, written above the progress bar; remembered in args.unreadable."""
+    from tqdm.auto import tqdm
+
+    if name not in args.unreadable:
+        args.unreadable.add(name)
+        tqdm.write(f"error: skipped {name}: {error}", file=sys.stderr)
 
 
 def _settings(args: argparse.Namespace) -> DetectionSettings:
@@ -168,24 +187,19 @@ def run(args: argparse.Namespace) -> int:
         images=str(source), prompt=args.prompt, out_dir=str(args.out), backend=args.backend, dino_model=args.dino,
         sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, detection=_settings(args), batch_size=args.batch_size, device=args.device,
     )
-    unreadable: list[str] = []
     if source.is_dir() and (videos := sorted(path.name for path in source.iterdir() if is_video_file(path))):
         print(f"note: {len(videos)} video(s) in the folder are not processed with its images ({', '.join(videos[:5])}"
               f"{', …' if len(videos) > 5 else ''}): run each on its own, `python -m nbhelpers.seg VIDEO --prompt …`.",
               file=sys.stderr)
-
-    def report_unreadable(name: str, error: Exception) -> None:
-        unreadable.append(name)
-        print(f"error: skipped {name}: {error}", file=sys.stderr)
-
-    pipeline.run(config, models, on_unreadable=report_unreadable)
-    return EXIT_BAD_INPUT if unreadable else EXIT_OK
+    pipeline.run(config, models, on_unreadable=partial(report_unreadable, args))
+    return EXIT_BAD_INPUT if args.unreadable else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (see the module docstring)."""
     try:
         args = build_parser().parse_args(argv)
+        args.unreadable = set()  # names of images reported as unreadable (each once)
     except SystemExit as exit_request:  # --help (0) or a usage error (2, already printed on one line)
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_BAD_INPUT
     try:

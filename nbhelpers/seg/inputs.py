@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+# What PIL raises for files that are not (complete) images.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # a GIF only if it is one frame
 
@@ -69,11 +73,15 @@ def load_image(source: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarr
         with Image.open(path) as image:
             image.load()  # decode now, so truncated files fail here and not later
             return _pil_to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(
-            f"cannot read image {str(path)!r}: {error}. Re-export or re-download it as a complete PNG/JPEG "
-            f"(for a very large photo: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS)."
-        ) from error
+    except _UNREADABLE as error:
+        raise unreadable_image_error(path, error) from error
+
+
+def unreadable_image_error(path: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"cannot read image {str(path)!r}: {error}. Re-export or re-download it as a complete PNG/JPEG "
+        f"(for a very large photo: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS)."
+    )
 
 
 def is_animated(path: str | os.PathLike) -> bool:
@@ -92,6 +100,32 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Image files directly inside `folder` (by extension; animated GIFs are videos), sorted by name."""
     return sorted(path for path in Path(folder).iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
                   and not (path.suffix.lower() == ".gif" and is_animated(path)))
+
+
+def find_unreadable_images(source: str | os.PathLike) -> list[tuple[str, ValueError]]:
+    """Check every image of `source` (an image file, or a folder's images) before any model is loaded.
+
+    PIL reads each header and `verify()` walks the file's structure without decoding pixels, so this costs little
+    next to a model load; a file whose pixel data alone is damaged is still caught (and skipped) when it is decoded.
+    Returns:
+        (file name, ValueError naming the file and the fix) for each unreadable image; [] when all are fine.
+    Raises:
+        FileNotFoundError: `source` does not exist. ValueError: a folder without image files.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {str(path)!r} (give an image file or a folder of images)")
+    files = list_image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"no images in folder {str(path)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+    unreadable = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except _UNREADABLE as error:
+            unreadable.append((file.name, unreadable_image_error(file, error)))
+    return unreadable
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -141,6 +175,7 @@ def fit_phrases(phrases: list[str], tokenizer, max_tokens: int) -> list[str]:
         while len(words) > 1 and token_count([" ".join(words)]) > max_tokens:
             words.pop()
         kept = [" ".join(words)]
-    warnings.warn(f"prompt has {token_count(phrases)} tokens, more than GroundingDINO reads ({max_tokens}); "
-                  f"using {normalize_prompt(kept)!r}. Shorten the prompt or split it into several runs.", stacklevel=3)
+    # a plain line (not warnings.warn, which would show this file's path and line), written above any progress bar
+    tqdm.write(f"warning: prompt has {token_count(phrases)} tokens, more than GroundingDINO reads ({max_tokens}); "
+               f"using {normalize_prompt(kept)!r}. Shorten the prompt or split it into several runs.", file=sys.stderr)
     return kept

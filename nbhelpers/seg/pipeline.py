@@ -11,11 +11,13 @@ from html import escape
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from nbhelpers.platform import ensure_writable_dir, resolve_paths
 from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
-from nbhelpers.seg.inputs import load_image
+from nbhelpers.seg.inputs import find_unreadable_images, load_image
 from nbhelpers.seg.models import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, Sam3Models, SegmentationModels,
                                   load_models, load_sam3_models)
 from nbhelpers.seg.render import show_overlay
@@ -84,11 +86,21 @@ def output_folder(out: Path, name: str, used: set[str]) -> Path:
     return out / folder
 
 
+def check_images(config: SegmentConfig) -> None:
+    """Raise before any model is loaded when IMAGE_PATH is missing, empty or holds unreadable images (all named)."""
+    unreadable = find_unreadable_images(config.image_source())
+    if unreadable:
+        raise ValueError(f"IMAGE_PATH: {len(unreadable)} unreadable image(s), no model loaded yet: "
+                         + "; ".join(str(error) for _, error in unreadable))
+
+
 def load_configured_models(config: SegmentConfig, backend: str | None = None) -> SegmentationModels | Sam3Models:
-    """Load (once per process) the models of `backend` (None: the configured one; "both" loads the default's)."""
+    """Check the configured images, then load (once per process) the models of `backend` (None: the configured
+    one; "both" loads the default's)."""
     backend = config.backend if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"BACKEND={backend!r}: use one of {list(BACKENDS)}.")
+    check_images(config)
     if backend == "sam3":
         return load_sam3_models(config.sam3_model, config.sam3_video_model, device=config.device)
     return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
@@ -117,7 +129,7 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
         files = save_outputs(image, segmentation, folder, metadata)
         if verbose:
             note = "" if len(segmentation) else f" -- {segmentation.message}"
-            print(f"{name}: {segmentation.summary()} -> {folder}{note}", file=sys.stdout, flush=True)
+            tqdm.write(f"{name}: {segmentation.summary()} -> {folder}{note}", file=sys.stdout)  # above the progress bar
         results.append(SavedResult(name, segmentation, folder, files))
     return results
 

@@ -1,13 +1,16 @@
 """Headless training: `python -m nbhelpers.vit --preset fast --data DIR --out DIR [--epochs N ...]`.
 
-Runs the same `fit` as the notebook. Exit codes: 0 finished (or stopped as asked), 2 bad input, 1 other errors.
+Runs the same `fit` as the notebook. Exit codes: 0 finished (or stopped as asked), 2 bad input (including a locked
+or full OUT_DIR), 1 training diverged or other errors, 130 / 143 stopped by SIGINT / SIGTERM after saving last.pt.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 
+from nbhelpers.platform import DiskFullError, RunLockedError, StopRequested
 from nbhelpers.vit.checkpoint import CheckpointError
 from nbhelpers.vit.config import PRESETS, build_config
 from nbhelpers.vit.train import fit
@@ -43,8 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def as_cli_wording(message: str, parser: argparse.ArgumentParser) -> str:
+    """Rewrite the notebook's parameter names in a message as this CLI's flags: FRESH=True -> --fresh, LR -> --lr."""
+    flags = {action.dest.upper(): action for action in parser._actions if action.option_strings}
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        action = flags.get(name)
+        if action is None:
+            return f"--set {name.lower()}" + (f"={value}" if value is not None else "")
+        if action.nargs == 0:  # a switch: FRESH=True -> --fresh
+            return action.option_strings[0]
+        return action.option_strings[0] + (f" {value}" if value is not None else "")
+
+    sections = build_config("smoke").to_dict()
+    fields = {name.upper() for section in ("model", "augment", "train") for name in sections[section]}
+    names = "|".join(sorted(map(re.escape, set(flags) | fields), key=len, reverse=True))
+    flagged = re.sub(rf"\b({names})\b(?:=('[^']*'|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$))?", flag, message)
+    return re.sub(r"\b([Ss])et (--)", lambda match: ("P" if match.group(1) == "S" else "p") + "ass " + match.group(2), flagged)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "set")}
     try:
         for item in args.set:
@@ -54,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides[name.strip()] = parse_value(value.strip())
         config = build_config(args.preset, **overrides)
         result = fit(config)
-    except (ValueError, FileNotFoundError, PermissionError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, PermissionError, CheckpointError, RunLockedError, DiskFullError) as error:
+        print(f"error: {as_cli_wording(str(error), parser)}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:  # training diverged; last.pt holds the last good state
-        print(f"error: {error}", file=sys.stderr)
+    except FloatingPointError as error:  # training diverged; the message says which checkpoint is kept
+        print(f"error: {as_cli_wording(str(error), parser)}", file=sys.stderr)
         return 1
+    except StopRequested as stop:  # last.pt was saved and "stopped at step N" printed
+        return stop.exit_code
     if result.status == "finished":
         print(f"done: {result.out_dir / 'run_summary.json'}")
     return 0

@@ -5,6 +5,7 @@ session that dies mid-write leaves the previous good file intact.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nbhelpers.platform import atomic_write
+from nbhelpers.platform import DiskFullError, atomic_write, check_free_space
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.state import TrainState
 
@@ -23,6 +24,13 @@ RUNTIME_FIELDS = {
     "data_root", "out_dir", "device", "precision", "compile", "resume", "fresh", "stop_after_epochs",
     "log_every", "checkpoint_minutes", "report_plots", "eval_batch_size", "tta", "resume_from",
 }
+# Optimisation settings a resume may change (with a printed note): the fixes a divergence message advises.
+OPTIMISATION_FIELDS = {"lr", "min_lr", "grad_clip"}
+# Keys every last.pt holds; a file without them is refused like a corrupt one.
+REQUIRED_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "step", "history", "best_val_accuracy",
+                 "train_seconds", "config"}
+# What report.py writes beside the checkpoints; FRESH moves these aside too, so no old result sits beside a new run.
+REPORT_FILES = ("run_summary.json", "curves.png", "confusion.png", "misclassified.png", "attention.png")
 
 
 class CheckpointError(RuntimeError):
@@ -36,6 +44,8 @@ def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Make `target` hold the same bytes as `source` atomically: a hard link where the file system allows."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # already linked (a finished run re-run); os.replace onto the same file would leave the temp behind
     temp = target.with_name(f".{target.name}.link.tmp")
     temp.unlink(missing_ok=True)
     try:
@@ -47,38 +57,62 @@ def link_or_copy(source: Path, target: Path) -> None:
             atomic_write(target, lambda file: shutil.copyfileobj(original, file))
 
 
+def corrupt_error(path: Path, detail: str) -> CheckpointError:
+    """The one refusal for a checkpoint that cannot be used as it is: the file is left untouched."""
+    return CheckpointError(
+        f"{path} is corrupt, truncated or malformed ({detail}). It was left untouched. "
+        "Set FRESH=True to move it aside and start over, or choose another OUT_DIR."
+    )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU; raise CheckpointError (file untouched) when it is corrupt or truncated."""
+    """Load a checkpoint on the CPU; raise CheckpointError (file untouched) when it is corrupt, truncated or malformed."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated zip archives
-        raise CheckpointError(
-            f"{path} is corrupt or truncated ({type(error).__name__}: {error}). It was left untouched. "
-            "Set FRESH=True to move it aside and start over, or choose another OUT_DIR."
-        ) from error
-    missing = {"model", "optimizer", "scheduler", "step", "config"} - set(payload)
+        raise corrupt_error(path, f"{type(error).__name__}: {error}") from error
+    if not isinstance(payload, dict):
+        raise corrupt_error(path, f"it holds a {type(payload).__name__}, not a checkpoint of this trainer")
+    missing = REQUIRED_KEYS - set(payload)
     if missing:
-        raise CheckpointError(f"{path} lacks {sorted(missing)}: not a checkpoint of this trainer. Set FRESH=True or choose another OUT_DIR.")
+        raise corrupt_error(path, f"it lacks {sorted(missing)}: not a complete checkpoint of this trainer")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["step"], int):
+        raise corrupt_error(path, "its config or step is not what this trainer writes")
     return payload
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume when the checkpoint was trained with a different model or recipe."""
-    differences = []
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> list[str]:
+    """Refuse to resume when the checkpoint was trained with a different model or recipe.
+
+    Returns:
+        The changed optimisation settings (OPTIMISATION_FIELDS), as 'name old -> new' notes; these are allowed.
+    """
+    differences, allowed = [], []
     for section in ("model", "augment", "train"):
         for key, value in current[section].items():
             if section == "train" and key in RUNTIME_FIELDS:
                 continue
             old = saved.get(section, {}).get(key)
             if isinstance(value, tuple):
-                old = tuple(old) if old is not None else old
+                old = tuple(old) if isinstance(old, (list, tuple)) else old
             if old != value:
-                differences.append(f"{key}: checkpoint {old!r} vs now {value!r}")
+                (allowed if section == "train" and key in OPTIMISATION_FIELDS else differences).append(f"{key}: checkpoint {old!r} vs now {value!r}")
     if differences:
         raise CheckpointError(
             f"{path} was written by a different configuration ({'; '.join(differences[:5])}). "
-            "Use the same parameters to resume, set FRESH=True to start over (the old file is moved aside), or choose another OUT_DIR."
+            "Use the same parameters to resume (only LR, MIN_LR, GRAD_CLIP and PRECISION may change), "
+            "set FRESH=True to start over (the old file is moved aside), or choose another OUT_DIR."
         )
+    return allowed
+
+
+def rebase_learning_rate(state: TrainState, lr: float) -> None:
+    """Make a resumed schedule peak at `lr`: the scheduler's multipliers come from the current config, its base from here."""
+    for group in state.optimizer.param_groups:
+        group["initial_lr"] = lr
+    state.scheduler.base_lrs = [lr] * len(state.optimizer.param_groups)
+    state.scheduler.last_epoch -= 1
+    state.scheduler.step()  # recomputes every group's lr at the same step from the new base
 
 
 def move_aside(path: Path) -> Path | None:
@@ -104,14 +138,19 @@ def adopt_checkpoint(source: Path, last: Path) -> None:
     print(f"RESUME_FROM: continuing {found[0]} (copied to {last}).")
 
 
+def move_previous_run_aside(out_dir: Path) -> None:
+    """FRESH: rename the old checkpoints, summary and plots to `<name>.old-<timestamp>` (nothing is deleted)."""
+    for name in ("last.pt", "best.pt", *REPORT_FILES):
+        moved = move_aside(out_dir / name)
+        if moved:
+            print(f"FRESH=True: moved {name} aside to {moved.name}")
+
+
 def restore_or_start(state: TrainState, config: Config, out_dir: Path) -> None:
     """Resume from last.pt when allowed; FRESH moves old checkpoints aside instead of deleting them."""
     last = out_dir / "last.pt"
     if config.train.fresh:
-        for name in ("last.pt", "best.pt"):
-            moved = move_aside(out_dir / name)
-            if moved:
-                print(f"FRESH=True: moved {name} aside to {moved.name}")
+        move_previous_run_aside(out_dir)
         return
     if not last.exists() and config.train.resume_from:
         adopt_checkpoint(Path(config.train.resume_from).expanduser(), last)
@@ -120,16 +159,65 @@ def restore_or_start(state: TrainState, config: Config, out_dir: Path) -> None:
     if not config.train.resume:
         raise CheckpointError(f"{last} exists and RESUME=False. Set RESUME=True to continue it, FRESH=True to start over, or choose another OUT_DIR.")
     payload = load_checkpoint(last)
-    check_compatible(payload["config"], config.to_dict(), last)
-    state.load(payload)
-    print(f"Resumed from {last} at step {state.step} (epoch {len(state.history)}).")
+    changed = check_compatible(payload["config"], config.to_dict(), last)
+    try:
+        state.load(payload)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:  # wrong shapes, missing parts
+        raise corrupt_error(last, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
+    if not state.weights_are_finite():
+        raise corrupt_error(last, "its weights are NaN or infinite, written before finite checks existed")
+    if changed:
+        rebase_learning_rate(state, config.train.lr)
+        print(f"Resuming with changed optimisation settings ({'; '.join(changed)}).")
+    print(f"Resumed from {last} at step {state.step} ({state.position()}).")
+
+
+def divergence_error(state: TrainState, config: Config, out_dir: Path, cause: str) -> FloatingPointError:
+    """Training diverged: say what is kept (true whether or not a checkpoint exists) and which settings to change."""
+    last = out_dir / "last.pt"
+    if state.saved_step is not None and last.exists():
+        kept = f"The last finite checkpoint {last} (step {state.saved_step}) is kept; running again resumes from it."
+    else:
+        kept = "No checkpoint was written yet (nothing non-finite is saved), so running again starts from step 0."
+    return FloatingPointError(
+        f"{cause} at step {state.step}. {kept} Lower LR (now {config.train.lr:g}), keep GRAD_CLIP > 0 "
+        "or set PRECISION='fp32', then run again: a resume may change those settings."
+    )
+
+
+def checkpoint_bytes(state: TrainState) -> int:
+    """About how large last.pt is: weights, AdamW's two moments, the EMA copy, plus 1 MB of history and RNG state."""
+    weights = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
+    return weights * (3 + (state.ema is not None)) + 1_000_000
+
+
+def check_space_for_checkpoints(state: TrainState, config: Config, out_dir: Path) -> None:
+    """Before training: room for one more last.pt (and a separate best.pt when a validation split picks it)."""
+    copies = 2 if config.train.val_size > 0 else 1
+    check_free_space(out_dir, copies * checkpoint_bytes(state), f"writing {copies} checkpoint(s) of this model")
+
+
+def _save(state: TrainState, config: Config, out_dir: Path, name: str, extra: dict[str, Any]) -> None:
+    """Write a checkpoint only when every weight is finite; a full disk becomes a one-line DiskFullError."""
+    if not state.weights_are_finite():
+        raise divergence_error(state, config, out_dir, "The weights became NaN or infinite")
+    try:
+        atomic_torch_save(state.payload(config) | extra, out_dir / name)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a failed write as RuntimeError
+        needed, free = checkpoint_bytes(state), shutil.disk_usage(out_dir).free
+        if getattr(error, "errno", None) != errno.ENOSPC and free >= needed:
+            raise
+        previous = f"the previous {name} is intact" if (out_dir / name).exists() else f"no {name} was written before"
+        raise DiskFullError(f"No space left in {out_dir} for {name}: {previous}. It needs about {needed / 1e6:,.0f} MB "
+                            f"({free / 1e6:,.0f} MB free); free some space and run again to resume.") from None
 
 
 def save_last(state: TrainState, config: Config, out_dir: Path) -> None:
-    atomic_torch_save(state.payload(config), out_dir / "last.pt")
+    _save(state, config, out_dir, "last.pt", {})
+    state.saved_step = state.step
 
 
 def save_best(state: TrainState, config: Config, out_dir: Path, epoch: int) -> None:
     """best.pt holds the same full state as last.pt, plus which epoch it is and its validation accuracy."""
-    payload = state.payload(config) | {"epoch": epoch, "val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None}
-    atomic_torch_save(payload, out_dir / "best.pt")
+    _save(state, config, out_dir, "best.pt",
+          {"epoch": epoch, "val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None})

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -182,11 +185,86 @@ def build_config(preset: str = "fast", **overrides: Any) -> Config:
             hint = difflib.get_close_matches(field_name, owner, n=1)
             raise ValueError(f"Unknown parameter {key!r}" + (f"; did you mean {hint[0].upper()!r}?" if hint else f". Valid names: {sorted(owner)}"))
         if value is not None:
-            if field_name == "betas":
+            if isinstance(value, list):  # papermill and YAML hand tuples over as lists
                 value = tuple(value)
             setattr(owner[field_name], field_name, value)
+    validate_fields(config)
     validate(config)
     return config
+
+
+# ----------------------------------------------------------------------------- field types and ranges
+
+# Numbers are finite and >= 0 unless listed here. Each name maps to (lowest, highest, whether lowest is allowed).
+POSITIVE = (0, math.inf, False)
+FRACTION = (0, 1, True)  # 0 <= x <= 1
+FIELD_RANGES: dict[str, tuple[float, float, bool]] = {
+    **dict.fromkeys(("image_size", "num_classes", "patch_size", "dim", "depth", "heads", "mlp_dim", "epochs",
+                     "batch_size", "eval_batch_size", "lr", "eps", "log_every", "synthetic_train_size",
+                     "synthetic_test_size", "stop_after_epochs"), POSITIVE),
+    **dict.fromkeys(("dropout", "embed_dropout", "attn_dropout", "drop_path", "mix_prob", "random_erasing",
+                     "label_smoothing", "betas"), FRACTION),
+    "ema_decay": (0, 1, True),  # checked below: must stay under 1
+}
+
+
+def _type_error(value: Any, annotation: Any) -> str | None:
+    """Why `value` does not fit the field's annotation (None when it does). bool is not accepted as a number."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    if value is None:
+        return None if type(None) in options else "must not be None"
+    for option in (o for o in options if o is not type(None)):
+        if option is bool and isinstance(value, bool):
+            return None
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if option is str and isinstance(value, str):
+            return None
+        if typing.get_origin(option) is tuple and isinstance(value, tuple) and len(value) == len(typing.get_args(option)) \
+                and all(_type_error(item, kind) is None for item, kind in zip(value, typing.get_args(option))):
+            return None
+    names = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+    expected = " or ".join("None" if o is type(None) else names.get(o, f"{len(typing.get_args(o))} numbers in brackets") for o in options)
+    return f"must be {expected}"
+
+
+def _range_error(name: str, value: Any) -> str | None:
+    """Why a (type-checked) number is out of range, or None."""
+    numbers = value if isinstance(value, tuple) else (value,)
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        return None
+    if not all(math.isfinite(n) for n in numbers):
+        return "must be a finite number"
+    low, high, low_allowed = FIELD_RANGES.get(name, (0, math.inf, True))
+    for number in numbers:
+        if number < low or (number == low and not low_allowed):
+            return f"must be {'at least' if low_allowed else 'greater than'} {low}"
+        if number > high or (name in ("ema_decay", "betas") and number >= 1):
+            return f"must be {'below' if name in ('ema_decay', 'betas') else 'at most'} {high}"
+    return None
+
+
+def validate_fields(config: Config) -> None:
+    """Check every field's value against its dataclass annotation and range; raise ValueError listing each bad one.
+
+    Each problem names the parameter (as the notebook spells it), the value, what is expected and the preset's value.
+    """
+    defaults = PRESETS[config.preset]() if config.preset in PRESETS else Config()
+    problems = []
+    for section in ("model", "augment", "train"):
+        part, default = getattr(config, section), getattr(defaults, section)
+        hints = typing.get_type_hints(type(part))
+        for item in dataclasses.fields(part):
+            value = getattr(part, item.name)
+            reason = _type_error(value, hints[item.name]) or _range_error(item.name, value)
+            if reason:
+                problems.append(f"{item.name.upper()}={value!r} {reason} (the preset's value is {getattr(default, item.name)!r})")
+            elif isinstance(value, int) and not isinstance(value, bool) and hints[item.name] in (float, float | None):
+                setattr(part, item.name, float(value))
+    if problems:
+        raise ValueError("Invalid parameter value(s): " + "; ".join(problems) + ".")
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -213,6 +291,7 @@ def validate(config: Config) -> None:
         (train.epochs >= 1, f"epochs={train.epochs}: must be at least 1."),
         (train.batch_size >= 1, f"batch_size={train.batch_size}: must be at least 1."),
         (train.lr > 0, f"lr={train.lr}: must be positive."),
+        (train.min_lr <= train.lr, f"min_lr={train.min_lr} is above lr={train.lr}: the cosine floor must not exceed the peak."),
         (train.precision in ("auto", "bf16", "fp16", "fp32"), f"precision={train.precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'."),
     ]
     for ok, message in checks:

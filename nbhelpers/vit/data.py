@@ -6,6 +6,7 @@ a torchvision download. `dataset='synthetic'` generates a small learnable stand-
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import warnings
@@ -83,9 +84,16 @@ def _unpickle(path: Path) -> dict:
 
 def _read_batches(folder: Path) -> _Arrays:
     """data_batch_1..5 and test_batch: rows of 3072 bytes = R, G, B planes of 32x32, row-major."""
+    def rows(name: str, part: dict) -> np.ndarray:
+        data = np.asarray(part["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{folder / name}: image rows have shape {data.shape}, CIFAR-10 rows are 3072 bytes (3x32x32). "
+                             "Re-extract cifar-10-python.tar.gz into that folder.")
+        return data.reshape(-1, 3, 32, 32)
+
     def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         parts = [_unpickle(folder / name) for name in names]
-        data = np.concatenate([np.asarray(part["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for part in parts])
+        data = np.concatenate([rows(name, part) for name, part in zip(names, parts)])
         labels = np.concatenate([np.asarray(part["labels"], dtype=np.int64) for part in parts])
         assert len(data) == len(labels), f"{folder}: {len(data)} images but {len(labels)} labels"
         return np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels  # (N, 3, H, W) -> (N, H, W, 3)
@@ -189,15 +197,32 @@ def load_data(train: TrainConfig, data_root: Path, cache_dir: Path) -> DataSplit
         generated = make_synthetic(train.synthetic_train_size, train.synthetic_test_size, seed=0)
         arrays, source = (*generated, [f"class_{index}" for index in range(10)]), "synthetic"
     elif train.dataset == "cifar10":
+        if train.data_root is not None and not Path(data_root).exists():  # a typo must not create (and download into) a folder
+            raise FileNotFoundError(f"DATA_ROOT={str(data_root)!r} does not exist. Check the path, or set DATA_ROOT=None "
+                                    "to search (and download into) the platform's default data folder.")
         arrays, source = _load_cifar10(Path(data_root), Path(cache_dir))
     else:
         raise ValueError(f"dataset={train.dataset!r}: use 'cifar10' or 'synthetic'.")
+    check_arrays(arrays, source)
     train_images, train_labels, test_images, test_labels, classes = arrays
     train_index, val_index = _validation_split(len(train_labels), train.val_size, train.seed)
     return DataSplits(
         train_images[train_index], train_labels[train_index], train_images[val_index], train_labels[val_index],
         test_images, test_labels, list(classes), source,
     )
+
+
+def check_arrays(arrays: _Arrays, source: str) -> None:
+    """Refuse images that are not (N, 32, 32, 3) uint8 and labels outside 0..classes-1, before any training."""
+    train_images, train_labels, test_images, test_labels, classes = arrays
+    for split, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
+            raise ValueError(f"{source}: {split} images are {images.dtype} {images.shape} with {len(labels)} labels; "
+                             "expected (N, 32, 32, 3) uint8 with one label each. Fix or re-extract the data set.")
+        bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+        if len(bad):
+            raise ValueError(f"{source}: {len(bad)} {split} label(s) outside 0..{len(classes) - 1} ({len(classes)} classes), "
+                             f"e.g. {labels[bad[0]]} at index {bad[0]}. Fix the labels in the data files; the cache is rebuilt when they change.")
 
 
 def _validation_split(count: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,12 +245,13 @@ def _load_cifar10(data_root: Path, cache_dir: Path) -> tuple[_Arrays, str]:
     batches, image_folders, problems = _find_sources(data_root) if data_root.is_dir() else ([], [], [])
     if batches or image_folders:
         key = f"cifar-10-batches-py at {batches[0]}" if batches else f"imagefolder at {image_folders[0]}"
-        cached = _read_cache(cache_path, key)
+        fingerprint = source_fingerprint(batches[0] if batches else image_folders[0])
+        cached = _read_cache(cache_path, key, fingerprint)
         if cached is not None:
             return cached[0], f"{key} (cached)"
         print(f"[nbhelpers] decoding CIFAR-10 from {key} (once; cached in {cache_path})")
         arrays = _read_batches(batches[0]) if batches else _read_image_folder(image_folders[0])
-        _write_cache(cache_path, key, arrays)
+        _write_cache(cache_path, key, arrays, fingerprint)
         return arrays, key
     if problems:
         raise FileNotFoundError("Incomplete ImageFolder data set: " + "; ".join(problems) + ". " + _FIXES)
@@ -257,21 +283,34 @@ def _download(data_root: Path, cache_dir: Path, searched: str) -> tuple[_Arrays,
         np.ascontiguousarray(train_set.data, dtype=np.uint8), np.asarray(train_set.targets, dtype=np.int64),
         np.ascontiguousarray(test_set.data, dtype=np.uint8), np.asarray(test_set.targets, dtype=np.int64), list(train_set.classes),
     )
-    _write_cache(cache_dir / CACHE_NAME, key, arrays)
+    _write_cache(cache_dir / CACHE_NAME, key, arrays, source_fingerprint(root))
     return arrays, key
 
 
 # ----------------------------------------------------------------------------- cache
 
 
-def _read_cache(path: Path, key: str | None) -> tuple[_Arrays, str] | None:
-    """(arrays, source) when `path` holds arrays decoded from source `key` (None = any source); else None."""
+def source_fingerprint(folder: Path) -> str:
+    """A digest of every file's relative path, size and modification time under `folder`: changes when the data does."""
+    digest = hashlib.sha1()
+    for root, subfolders, files in os.walk(folder):
+        subfolders.sort()
+        for name in sorted(files):
+            info = os.stat(os.path.join(root, name))
+            digest.update(f"{os.path.relpath(os.path.join(root, name), folder)}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, key: str | None, fingerprint: str | None = None) -> tuple[_Arrays, str] | None:
+    """(arrays, source) when `path` holds arrays decoded from source `key` whose files still match `fingerprint`
+    (key None = any source, e.g. when the source is gone); else None."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
             source = str(stored["source"])
-            if key is not None and source != key:
+            stored_fingerprint = str(stored["fingerprint"]) if "fingerprint" in stored.files else None
+            if key is not None and (source != key or stored_fingerprint != fingerprint):
                 return None
             arrays = tuple(stored[name] for name in ("train_images", "train_labels", "test_images", "test_labels"))
             classes = [str(name) for name in stored["classes"]]
@@ -283,7 +322,7 @@ def _read_cache(path: Path, key: str | None) -> tuple[_Arrays, str] | None:
     return (*arrays, classes), source
 
 
-def _write_cache(path: Path, key: str, arrays: _Arrays) -> None:
+def _write_cache(path: Path, key: str, arrays: _Arrays, fingerprint: str) -> None:
     """Save atomically (temp file + os.replace); an unwritable cache folder only costs a warning."""
     train_images, train_labels, test_images, test_labels, classes = arrays
     try:
@@ -291,7 +330,8 @@ def _write_cache(path: Path, key: str, arrays: _Arrays) -> None:
         # np.savez gets a file object: given a name it would append ".npz" to it
         atomic_write(path, lambda file: np.savez(
             file, train_images=train_images, train_labels=train_labels, test_images=test_images,
-            test_labels=test_labels, classes=np.asarray(classes, dtype=str), source=np.asarray(key)))
+            test_labels=test_labels, classes=np.asarray(classes, dtype=str), source=np.asarray(key),
+            fingerprint=np.asarray(fingerprint)))
     except OSError as error:
         warnings.warn(f"Could not write the data cache {path} ({error}); the data will be decoded again next run.", stacklevel=3)
 

@@ -78,6 +78,20 @@ class TrainState:
     best_val_accuracy: float = -1.0
     train_seconds: float = 0.0  # time in training steps, summed over sessions
     wall_seconds: float = 0.0  # wall-clock time of training + per-epoch evaluation, summed over sessions
+    saved_step: int | None = None  # step of the last.pt on disk (loaded or written in this session); not saved
+
+    def weights_are_finite(self) -> bool:
+        """True when no weight of the model or its EMA is NaN or infinite (one host sync)."""
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        tensors = [t for module in modules for t in module.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def position(self) -> str:
+        """Where `step` lies: 'end of epoch 3' or 'epoch 4, 15 steps in'."""
+        done = self.history[-1]["step"] if self.history else 0
+        if self.history and done == self.step:
+            return f"end of epoch {len(self.history)}"
+        return f"epoch {len(self.history) + 1}, {self.step - done} steps in"
 
     def payload(self, config: Config) -> dict[str, Any]:
         return {
@@ -103,6 +117,7 @@ class TrainState:
         self.step, self.history = payload["step"], payload["history"]
         self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
         self.wall_seconds = payload.get("wall_seconds", 0.0)
+        self.saved_step = self.step
 
 
 @dataclass
