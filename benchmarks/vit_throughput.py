@@ -12,6 +12,10 @@ Prints one JSON line per measurement, for each model:
   path "full_loop": one epoch of nbhelpers.vit.train.train_one_epoch on device-resident synthetic uint8 images
                     (the preset's GpuAugment, soft targets, grad clip, LR schedule, EMA, shuffling, host syncs every
                     log_every steps) and its overhead over the project's bare step.
+  path "fit":       (with --fit-epochs N) nbhelpers.vit.train.fit end to end on a synthetic data set of --loop-images
+                    training images (test set a fifth of that, as CIFAR-10's): data generation, compile, training,
+                    the evaluation schedule, checkpoints, the final evaluation and run_summary.json (no plots), and its
+                    overhead per training image over the project's bare step ("fit_overhead_percent").
 then a summary line with the project/naive ratio per model. A bare step is forward, loss, backward and
 optimizer step on one fixed pre-normalised batch; --warmup steps (compilation included) are not timed; the
 device is synchronised around the --steps timed steps. FLOPs per image come from nbhelpers.vit.report.flops_per_image
@@ -100,7 +104,8 @@ class Settings:
     steps: int  # timed steps per bare-step path
     loop_images: int  # images in the timed full-loop epoch (rounded down to whole batches)
     smoke: bool
-    profile: bool = False  # add torch.profiler's top ops of the project step to its line
+    profile: bool = False
+    fit_epochs: int = 0  # epochs of the timed end-to-end fit() run; 0 = skip it  # add torch.profiler's top ops of the project step to its line
 
 
 def model_config(name: str, settings: Settings, device: torch.device) -> Config:
@@ -149,7 +154,7 @@ def speed_fields(images: int, seconds: float, train_flops: int, device_label: st
     achieved = per_second * train_flops
     peak = peak_flops(device_label)
     return {"images_per_second": round(per_second, 1), "seconds": round(seconds, 4), "train_flops_per_image": train_flops,
-            "tflops": round(achieved / 1e12, 3), "mfu": None if peak is None else round(achieved / peak, 4),
+            "tflops": round(achieved / 1e12, 6), "mfu": None if peak is None else round(achieved / peak, 4),
             "peak_flops": peak, "peak_basis": PEAK_BASIS}
 
 
@@ -210,6 +215,29 @@ def measure_full_loop(state: TrainState, config: Config, runtime: Runtime, setti
     return {"steps": record["steps"], "seconds_timed": seconds, "includes": loop_contents(config, runtime)}
 
 
+def measure_fit(name: str, config: Config, runtime: Runtime, settings: Settings) -> dict[str, Any]:
+    """fit() end to end on synthetic data, with the preset's checkpoint interval (the bare-step config disables it)."""
+    import copy
+    import time
+
+    from nbhelpers.vit.train import fit
+
+    fit_config = copy.deepcopy(config)
+    train = fit_config.train
+    train.dataset, train.synthetic_train_size = "synthetic", settings.loop_images
+    train.synthetic_test_size = max(train.batch_size, settings.loop_images // 5)
+    train.epochs, train.report_plots, train.device = settings.fit_epochs, False, str(runtime.device)
+    train.checkpoint_minutes = build_config(name).train.checkpoint_minutes
+    with tempfile.TemporaryDirectory() as out_dir, contextlib.redirect_stdout(sys.stderr):
+        train.out_dir = out_dir
+        start = time.perf_counter()
+        result = fit(fit_config)
+        seconds = time.perf_counter() - start
+    evaluated = sum("test_accuracy" in record for record in result.history)
+    return {"steps": result.step, "seconds_timed": seconds, "epochs": len(result.history), "evaluated_epochs": evaluated,
+            "test_images": train.synthetic_test_size, "checkpoint_minutes": train.checkpoint_minutes}
+
+
 def loop_contents(config: Config, runtime: Runtime) -> list[str]:
     """What the full loop does beyond the bare step, for this preset."""
     augment, train = config.augment, config.train
@@ -264,8 +292,15 @@ def benchmark_model(name: str, settings: Settings, runtime: Runtime) -> list[dic
         overhead = {"loop_overhead_percent": loop["loop_overhead_percent"]}
         loop |= target_fields(overhead, LOOP_TARGETS, lower_is_better=tuple(LOOP_TARGETS), evaluate=evaluate)
     emit(loop)
+    records = [naive, project, loop]
+    if settings.fit_epochs:
+        measured = measure_fit(name, config, runtime, settings)
+        whole = measurement("fit", config, context, measured, measured["steps"] * config.train.batch_size)
+        whole["bare_step_images_per_second"] = project["images_per_second"]
+        whole["fit_overhead_percent"] = round(100.0 * (project["images_per_second"] / whole["images_per_second"] - 1.0), 2)
+        records.append(emit(whole))
     release_compiled(runtime.device, runtime.compile)
-    return [naive, project, loop]
+    return records
 
 
 def summary_record(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -275,6 +310,7 @@ def summary_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"benchmark": "vit_throughput", "path": "summary",
             "project_over_naive": {model: by_path[model, "project"]["project_over_naive"] for model in models},
             "loop_overhead_percent": {model: by_path[model, "full_loop"]["loop_overhead_percent"] for model in models},
+            "fit_overhead_percent": {model: by_path[model, "fit"]["fit_overhead_percent"] for model in models if (model, "fit") in by_path},
             "target_met": {f"{record['model']}/{record['path']}": record["target_met"] for record in records if "target_met" in record},
             "shortfall": {f"{record['model']}/{record['path']}": record["shortfall"] for record in records if record.get("shortfall")},
             **{key: records[0][key] for key in ("device", "torch", "smoke")}}
@@ -290,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, help="timed steps per bare-step path (default 30; 2 with --smoke)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default 5; 1 with --smoke)")
     parser.add_argument("--loop-images", type=positive_int, help="images in the timed full-loop epoch (default 50,000 = one CIFAR-10 epoch)")
+    parser.add_argument("--fit-epochs", type=int, default=0, help="also time fit() end to end for N epochs (0 = skip)")
     parser.add_argument("--device", help="cuda | cuda:1 | cpu | mps (default: auto)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few steps: checks the script, not speed")
     parser.add_argument("--profile", action="store_true", help="add the project step's top ops (torch.profiler) to its line")
@@ -309,7 +346,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     steps = args.steps or (2 if args.smoke else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     loop_images = args.loop_images or ((batch or 8) * 3 if args.smoke else 50_000)
-    return Settings(batch, warmup, steps, loop_images, args.smoke, args.profile)
+    return Settings(batch, warmup, steps, loop_images, args.smoke, args.profile, args.fit_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ def common():
 
 def run_smoke(script: str, *args: str) -> list[dict]:
     completed = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", *args],
-                               capture_output=True, text=True, timeout=120)
+                               capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()
     assert lines, "no output"
@@ -128,9 +128,10 @@ def test_emit_prints_one_json_line_and_nulls_non_finite(common, capsys):
 
 
 def test_vit_throughput_smoke_prints_every_measurement(throughput):
-    records = run_smoke("vit_throughput.py", "--steps", "2")
+    records = run_smoke("vit_throughput.py", "--steps", "2", "--fit-epochs", "2")
     *measurements, summary = records
-    assert [(r["model"], r["path"]) for r in measurements] == [(m, p) for m in ("seed", "fast", "best") for p in ("naive", "project", "full_loop")]
+    paths = ("naive", "project", "full_loop", "fit")
+    assert [(r["model"], r["path"]) for r in measurements] == [(m, p) for m in ("seed", "fast", "best") for p in paths]
     by = {(r["model"], r["path"]): r for r in measurements}
     for record in measurements:
         assert record["benchmark"] == "vit_throughput" and record["smoke"] is True and record["device"].startswith("cpu")
@@ -146,6 +147,10 @@ def test_vit_throughput_smoke_prints_every_measurement(throughput):
         expected_overhead = 100 * (project["images_per_second"] / loop["images_per_second"] - 1)
         assert loop["loop_overhead_percent"] == pytest.approx(expected_overhead, rel=0.01, abs=0.05)
         assert loop["bare_step_images_per_second"] == project["images_per_second"]
+        whole = by[model, "fit"]  # fit() end to end: 2 epochs of 3 steps, both evaluated (first and last)
+        assert whole["epochs"] == 2 and whole["evaluated_epochs"] == 2 and whole["steps"] == 6
+        assert whole["fit_overhead_percent"] == pytest.approx(100 * (project["images_per_second"] / whole["images_per_second"] - 1), rel=0.01, abs=0.05)
+        assert summary["fit_overhead_percent"][model] == whole["fit_overhead_percent"]
     assert by["seed", "project"]["target"]["mfu"] == 0.40 and by["seed", "project"]["target_met"] is None  # CPU: not evaluated
     assert by["fast", "full_loop"]["target"]["loop_overhead_percent"] == 10.0 and by["fast", "full_loop"]["target_met"] is None
     assert "EMA" in by["fast", "full_loop"]["includes"] and "EMA" not in by["seed", "full_loop"]["includes"]  # seed: no EMA
@@ -194,7 +199,8 @@ def test_time_to_accuracy_smoke_curve_and_summary_agree(tta):
     assert summary["seconds_to_target"] == first["train_seconds"] and summary["reached_at_epoch"] == first["epoch"]
     assert summary["target_met"] is True and summary["shortfall"] == 0.0
     assert summary["total_train_seconds"] == curve[-1]["train_seconds"]
-    assert summary["final_test_accuracy_is"] == "ema+flip-tta" and 0 <= summary["final_test_accuracy"] <= 1
+    # smoke's EMA decay (0.98) ramps up over 440 steps; these 3 short epochs end before, with no validation split: raw
+    assert summary["final_test_accuracy_is"] == "raw+flip-tta" and 0 <= summary["final_test_accuracy"] <= 1
     assert summary["warmup_seconds"] == warmup["seconds"] and summary["decode_seconds"] == decode["seconds"]
 
 

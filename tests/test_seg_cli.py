@@ -1,6 +1,7 @@
 """`python -m nbhelpers.seg`: outputs and exit codes, with the tiny random models (no network)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -192,12 +193,16 @@ def test_single_frame_gif_runs_as_an_image(tiny_seg_model_dirs, tiny_seg_models,
     assert code == 0 and (tmp_path / "out" / "still" / "detections.json").is_file()
 
 
-def test_folder_names_the_videos_it_leaves_out(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path,
-                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_folder_segments_its_videos_too(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path, tmp_path: Path) -> None:
+    # A folder run (also what torchrun shards) takes a video in the folder into OUT/<video stem>/.
     _save_gif(image_folder / "moving.gif", 4)
     _save_gif(image_folder / "still.gif", 1)
-    code = cli.main([str(image_folder), "--prompt", "a cat", "--out", str(tmp_path / "out"),
-                     *_model_args(tiny_seg_model_dirs)])
-    err = capsys.readouterr().err
-    assert code == 0 and "1 video(s)" in err and "moving.gif" in err and "still.gif" not in err
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["kitchen", "still", "street"]
+    out = tmp_path / "out"
+    code = cli.main([str(image_folder), "--prompt", "a cat", "--out", str(out), *_model_args(tiny_seg_model_dirs)])
+    assert code == 0
+    assert sorted(path.name for path in out.iterdir()) == ["inputs_summary.json", "kitchen", "moving", "still", "street"]
+    assert (out / "moving" / "tracks.json").is_file() and (out / "moving" / "video_overlay.mp4").is_file()
+    assert sorted(path.name for path in (out / "still").iterdir()) == sorted(OUTPUT_FILES.values())  # a still GIF is an image
+    summary = json.loads((out / "inputs_summary.json").read_text())
+    assert {item["input"]: item["status"] for item in summary["inputs"]} == {
+        "kitchen.png": "done", "moving.gif": "done", "still.gif": "done", "street.jpg": "done"}

@@ -6,6 +6,11 @@
     python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
         [--max-frames N] [--max-objects N] [--forget-after SECONDS] [--clipseg-redetect] [--id-maps]
         [--save-masks] [--offload]   (+ the options above)
+    torchrun --nproc_per_node=N -m nbhelpers.seg FOLDER --prompt ... --out DIR [--overwrite]
+
+A folder (of images and/or videos) is split across torchrun's processes (one model copy per GPU); inputs whose
+outputs are complete are skipped (--overwrite redoes them) and DIR/inputs_summary.json lists every input as done,
+skipped or failed with the reason. A video inside a folder goes to DIR/<video stem>/.
 
 Writes DIR/<image stem>/{mask.png, instances.png, overlay.png, detections.json} per image; for a video
 (.mp4, .mov, .avi, .mkv, .webm, …, and animated GIFs; a single-frame GIF is an image) DIR/video_overlay.mp4 and DIR/tracks.json (+ DIR/id_maps/ with --id-maps).
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clipseg", default=DEFAULT_CLIPSEG, help="CLIPSeg hub id or local folder")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: auto)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--overwrite", action="store_true", help="folder: redo inputs whose outputs are already complete")
     video = parser.add_argument_group("video")
     video_defaults = VideoSettings()
     video.add_argument("--redetect-every", type=int, default=video_defaults.redetect_every,
@@ -106,14 +112,15 @@ def _prepare(args: argparse.Namespace):
     from nbhelpers.platform import ensure_writable_dir, select_runtime
     from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, normalize_prompt
     from nbhelpers.seg.models import ModelLoadError, load_models, load_sam3_models, resolve_model_source
+    from nbhelpers.seg.folder_run import list_video_files
     from nbhelpers.seg.video import is_video_file, probe_video
 
     try:
         source = Path(args.images).expanduser()
         if not source.exists():
             raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file, a folder of images or a video)")
-        if source.is_dir() and not list_image_files(source):
-            raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        if source.is_dir() and not list_image_files(source) and not list_video_files(source):
+            raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, and for videos)")
         if is_video_file(source):
             probe_video(source)  # a corrupt or undecodable video fails here, before model loading
         normalize_prompt(args.prompt)  # an empty prompt fails here, before minutes of model loading
@@ -159,16 +166,20 @@ def _video_settings(args: argparse.Namespace) -> VideoSettings:
                          clipseg_redetect=args.clipseg_redetect)
 
 
+def video_options(args: argparse.Namespace) -> dict:
+    """segment_video's keyword arguments from the command line's video options."""
+    return dict(video_settings=_video_settings(args), save_id_maps=args.id_maps, save_masks=args.save_masks,
+                offload_frames=args.offload, offload_state=args.offload)
+
+
 def run_video(args: argparse.Namespace, source: Path, models) -> int:
     """Segment a video into --out; returns the exit code."""
     from nbhelpers.seg.pipeline import segment_any_video
     from nbhelpers.seg.video import VideoOutOfMemoryError
 
     try:
-        result = segment_any_video(
-            source, args.prompt, models, args.out, settings=_settings(args), video_settings=_video_settings(args),
-            save_id_maps=args.id_maps, save_masks=args.save_masks, offload_frames=args.offload,
-            offload_state=args.offload)
+        result = segment_any_video(source, args.prompt, models, args.out, settings=_settings(args),
+                                   **video_options(args))
     except (ValueError, VideoOutOfMemoryError) as error:  # bad options, an unreadable video, or too little GPU memory
         raise BadInput(str(error)) from error
     print(result.summary(), "->", args.out, flush=True)
@@ -177,9 +188,12 @@ def run_video(args: argparse.Namespace, source: Path, models) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Segment and save every image (or the video); returns the exit code."""
+    from nbhelpers import distributed
     from nbhelpers.seg import pipeline
+    from nbhelpers.seg.folder_run import run_folder
     from nbhelpers.seg.video import is_video_file
 
+    args.device = distributed.init_from_env(args.device)  # under torchrun: this process's GPU
     source, models = _prepare(args)
     if is_video_file(source):
         return run_video(args, source, models)
@@ -187,10 +201,9 @@ def run(args: argparse.Namespace) -> int:
         images=str(source), prompt=args.prompt, out_dir=str(args.out), backend=args.backend, dino_model=args.dino,
         sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, detection=_settings(args), batch_size=args.batch_size, device=args.device,
     )
-    if source.is_dir() and (videos := sorted(path.name for path in source.iterdir() if is_video_file(path))):
-        print(f"note: {len(videos)} video(s) in the folder are not processed with its images ({', '.join(videos[:5])}"
-              f"{', …' if len(videos) > 5 else ''}): run each on its own, `python -m nbhelpers.seg VIDEO --prompt …`.",
-              file=sys.stderr)
+    if source.is_dir():
+        summary = run_folder(config, models, args.overwrite, video_options(args))
+        return EXIT_BAD_INPUT if summary["counts"]["failed"] else EXIT_OK
     pipeline.run(config, models, on_unreadable=partial(report_unreadable, args))
     return EXIT_BAD_INPUT if args.unreadable else EXIT_OK
 

@@ -17,7 +17,7 @@ from nbhelpers.platform import ensure_writable_dir, resolve_paths
 from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
-from nbhelpers.seg.inputs import find_unreadable_images, load_image
+from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, load_image
 from nbhelpers.seg.models import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, Sam3Models, SegmentationModels,
                                   load_models, load_sam3_models)
 from nbhelpers.seg.render import show_overlay
@@ -106,24 +106,38 @@ def load_configured_models(config: SegmentConfig, backend: str | None = None) ->
     return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
 
 
+def plan_outputs(files: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(input file, output folder) for every input, named over the whole list so that every process agrees."""
+    used: set[str] = set()
+    return [(file, output_folder(out_dir, file.name, used)) for file in files]
+
+
 def run(config: SegmentConfig, models: SegmentationModels | None = None,
-        on_unreadable: Callable[[str, Exception], None] | None = None, verbose: bool = True) -> list[SavedResult]:
+        on_unreadable: Callable[[str, Exception], None] | None = None, verbose: bool = True,
+        planned: list[tuple[Path, Path]] | None = None) -> list[SavedResult]:
     """Segment every configured image and write OUT_DIR/<image>/{mask,instances,overlay}.png + detections.json.
 
     Args:
         config: what to segment and how.
         models: already loaded models (None = load those the config names).
         on_unreadable: called for a missing or corrupt file, which is skipped; None = raise.
+        planned: (image file, output folder) pairs to do instead of every configured image (a process's share).
     Returns:
         One SavedResult per image, in input order.
     """
     source = config.image_source()
     out_dir = ensure_writable_dir(config.output_dir(), "OUT_DIR")
     models = models or load_configured_models(config)
-    results, used = [], set()
-    for name, image, segmentation in iter_segmentations(source, config.prompt, models, config.detection,
+    if planned is None:
+        files = list_image_files(source) if source.is_dir() else [source]
+        if not files:
+            raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+        planned = plan_outputs(files, out_dir)
+    folder_of = {file.name: folder for file, folder in planned}
+    results = []
+    for name, image, segmentation in iter_segmentations([file for file, _ in planned], config.prompt, models, config.detection,
                                                         batch_size=config.batch_size, on_unreadable=on_unreadable):
-        folder = output_folder(out_dir, name, used)
+        folder = folder_of[name]
         metadata = {"models": {"backend": config.backend} | models.describe(), "thresholds": config.detection.as_dict(),
                     "source_file": str(source / name if source.is_dir() else source)}
         files = save_outputs(image, segmentation, folder, metadata)

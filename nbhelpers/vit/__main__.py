@@ -1,7 +1,8 @@
 """Headless training: `python -m nbhelpers.vit --preset fast --data DIR --out DIR [--epochs N ...]`.
 
-Runs the same `fit` as the notebook. Exit codes: 0 finished (or stopped as asked), 2 bad input (including a locked
-or full OUT_DIR), 1 training diverged or other errors, 130 / 143 stopped by SIGINT / SIGTERM after saving last.pt.
+Runs the same `fit` as the notebook; on several GPUs `torchrun --nproc_per_node=N -m nbhelpers.vit ...` (DDP).
+Exit codes: 0 finished (or stopped as asked), 2 bad input (including a locked or full OUT_DIR), 1 training
+diverged or other errors, 130 / 143 stopped by SIGINT / SIGTERM after saving last.pt.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import ast
 import re
 import sys
 
+from nbhelpers import distributed
 from nbhelpers.platform import DiskFullError, RunLockedError, StopRequested
 from nbhelpers.vit.checkpoint import CheckpointError
-from nbhelpers.vit.config import PRESETS, build_config
+from nbhelpers.vit.config import PRESETS, build_config, read_config_file
 from nbhelpers.vit.train import fit
 
 
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", dest="out_dir", help="OUT_DIR: checkpoints, run_summary.json, plots")
     parser.add_argument("--dataset", choices=["cifar10", "synthetic"])
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--time-budget", dest="time_budget_minutes", type=float, help="minutes: size the run to end within them (wins over --epochs)")
+    parser.add_argument("--config-file", help="a config written by nbhelpers.vit.launch (JSON); the other options override it")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
@@ -69,15 +73,17 @@ def as_cli_wording(message: str, parser: argparse.ArgumentParser) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "set")}
+    overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "set", "config_file")}
     try:
         for item in args.set:
             name, separator, value = item.partition("=")
             if not separator:
                 raise ValueError(f"--set {item!r}: write NAME=VALUE, e.g. --set dim=256")
             overrides[name.strip()] = parse_value(value.strip())
-        config = build_config(args.preset, **overrides)
+        config = read_config_file(args.config_file, **overrides) if args.config_file else build_config(args.preset, **overrides)
         result = fit(config)
+        main_process = distributed.is_main()
+        distributed.shutdown()
     except (ValueError, FileNotFoundError, PermissionError, CheckpointError, RunLockedError, DiskFullError) as error:
         print(f"error: {as_cli_wording(str(error), parser)}", file=sys.stderr)
         return 2
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except StopRequested as stop:  # last.pt was saved and "stopped at step N" printed
         return stop.exit_code
-    if result.status == "finished":
+    if result.status == "finished" and main_process:
         print(f"done: {result.out_dir / 'run_summary.json'}")
     return 0
 

@@ -23,6 +23,7 @@ from nbhelpers.vit.state import TrainState
 RUNTIME_FIELDS = {
     "data_root", "out_dir", "device", "precision", "compile", "resume", "fresh", "stop_after_epochs",
     "log_every", "checkpoint_minutes", "report_plots", "eval_batch_size", "tta", "resume_from",
+    "eval_every", "eval_final_epochs", "time_budget_minutes",  # a budget-sized schedule is restored from the checkpoint
 }
 # Optimisation settings a resume may change (with a printed note): the fixes a divergence message advises.
 OPTIMISATION_FIELDS = {"lr", "min_lr", "grad_clip"}

@@ -70,7 +70,10 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of weights per step; 0 = off
     tta: bool = True  # horizontal-flip test-time augmentation at evaluation
     log_every: int = 50  # steps between progress-bar updates (host syncs only here)
-    checkpoint_minutes: float = 10.0  # also write last.pt every N minutes inside an epoch
+    checkpoint_minutes: float = 10.0  # write last.pt every N minutes (and at the end or a stop); 0 = at every log window and epoch end
+    eval_every: int = 0  # evaluate every N epochs during training; 0 = auto (evaluation <= 5% of training time)
+    eval_final_epochs: int = 3  # the last N epochs are always evaluated (plus the first, which measures the cost)
+    time_budget_minutes: float | None = None  # size the run (LR schedule included) to end within this many minutes; wins over epochs; None = use epochs
     seed: int = 0  # RNG seed for init, data order and augmentation
     device: str | None = None  # None = auto (cuda > mps > cpu)
     precision: str = "auto"  # 'auto' | 'bf16' | 'fp16' | 'fp32'
@@ -267,6 +270,24 @@ def validate_fields(config: Config) -> None:
         raise ValueError("Invalid parameter value(s): " + "; ".join(problems) + ".")
 
 
+def read_config_file(path: str, **overrides: Any) -> Config:
+    """A Config from the JSON of `Config.to_dict()` (e.g. written by the notebook's launcher for torchrun).
+
+    Args:
+        overrides: as for `build_config`, applied on top (None = keep the file's value).
+    """
+    import json
+
+    with open(path) as file:
+        saved = json.load(file)
+    fields = {name: value for section in ("model", "augment", "train") for name, value in saved[section].items()}
+    preset = saved.get("preset", "custom")
+    fields |= {name: value for name, value in overrides.items() if value is not None}
+    config = build_config(preset if preset in PRESETS else "fast", **fields)  # every field is set: the base is irrelevant
+    config.preset = preset
+    return config
+
+
 def validate_model(model: ModelConfig) -> None:
     """Raise ValueError with a fix for model settings that cannot work (also called by VisionTransformer)."""
     checks = [
@@ -292,6 +313,11 @@ def validate(config: Config) -> None:
         (train.batch_size >= 1, f"batch_size={train.batch_size}: must be at least 1."),
         (train.lr > 0, f"lr={train.lr}: must be positive."),
         (train.min_lr <= train.lr, f"min_lr={train.min_lr} is above lr={train.lr}: the cosine floor must not exceed the peak."),
+
+
+        (train.eval_every >= 0, f"eval_every={train.eval_every}: use 0 (auto) or a number of epochs."),
+        (train.time_budget_minutes is None or train.time_budget_minutes > 0,
+         f"time_budget_minutes={train.time_budget_minutes}: use a positive number of minutes, or None to train for EPOCHS."),
         (train.precision in ("auto", "bf16", "fp16", "fp32"), f"precision={train.precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'."),
     ]
     for ok, message in checks:

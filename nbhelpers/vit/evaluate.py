@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbhelpers.platform import Runtime
+from nbhelpers import distributed
 from nbhelpers.vit.augment import normalize
 from nbhelpers.vit.config import Config
 from nbhelpers.vit.data import DataSplits
@@ -41,16 +42,36 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runti
     return Evaluation(accuracy, loss_sum.item() / len(images), predicted.cpu().numpy())
 
 
-def evaluate_epoch(state: TrainState, tensors: dict[str, torch.Tensor], runtime: Runtime, config: Config) -> dict[str, float]:
-    """Per-epoch test (and validation) accuracy of the raw and EMA weights, no TTA."""
+def evaluate_sharded(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean loss) over all of `images`: each rank evaluates its shard, then the counts are summed."""
+    local_images, local_labels = distributed.shard(images), distributed.shard(labels)
+    totals = torch.zeros(3, dtype=torch.float64, device=images.device)  # [correct, loss sum, count]
+    if len(local_labels):
+        local = evaluate(model, local_images, local_labels, runtime, batch_size)
+        count = len(local_labels)
+        totals += torch.tensor([round(local.accuracy * count), local.loss * count, count], dtype=torch.float64, device=images.device)
+    correct, loss_sum, count = distributed.all_reduce_sum(totals).tolist()
+    return correct / count, loss_sum / count
+
+
+def evaluate_epoch(state: TrainState, tensors: dict[str, torch.Tensor], runtime: Runtime, config: Config,
+                   models: dict[str, nn.Module] | None = None) -> dict[str, float]:
+    """Test (and validation) accuracy of the raw and EMA weights, no TTA, sharded over the ranks.
+
+    Args:
+        models: {"raw": network, "ema": network} to run (e.g. compiled); default the state's own modules.
+    """
+    models = models or {"raw": state.model} | ({"ema": state.ema.module} if state.ema is not None else {})
     metrics: dict[str, float] = {}
-    splits = [("test", "test")] + ([("val", "val")] if len(tensors["val_labels"]) else [])
-    for name, key in splits:
-        raw = evaluate(state.model, tensors[f"{key}_images"], tensors[f"{key}_labels"], runtime, config.train.eval_batch_size)
-        metrics[f"{name}_accuracy"], metrics[f"{name}_loss"] = raw.accuracy, raw.loss
-        if state.ema is not None:
-            ema = evaluate(state.ema.module, tensors[f"{key}_images"], tensors[f"{key}_labels"], runtime, config.train.eval_batch_size)
-            metrics[f"ema_{name}_accuracy"] = ema.accuracy
+    splits = ["test"] + (["val"] if len(tensors["val_labels"]) else [])
+    for split in splits:
+        images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
+        for name, model in models.items():
+            accuracy, loss = evaluate_sharded(model, images, labels, runtime, config.train.eval_batch_size)
+            prefix = "" if name == "raw" else "ema_"
+            metrics[f"{prefix}{split}_accuracy"] = accuracy
+            if name == "raw":
+                metrics[f"{split}_loss"] = loss
     state.model.train()
     return metrics
 
@@ -66,8 +87,8 @@ def to_device(data: DataSplits, device: torch.device) -> dict[str, torch.Tensor]
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.3f}", f"train {record['train_accuracy']:.3f}",
-             f"test {record['test_accuracy']:.4f}"]
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train_loss']:.3f}", f"train {record['train_accuracy']:.3f}"]
+    parts += [f"test {record['test_accuracy']:.4f}"] if "test_accuracy" in record else ["(not evaluated)"]
     parts += [f"{key.replace('_accuracy', '')} {record[key]:.4f}" for key in ("ema_test_accuracy", "val_accuracy", "ema_val_accuracy") if key in record]
     parts.append(f"{record['images_per_second']:,.0f} img/s")
     return " | ".join(parts)

@@ -6,6 +6,7 @@ is also recorded, labelled as chosen on the test set, only to compare with write
 from __future__ import annotations
 
 import json
+import time
 import platform as python_platform
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,44 @@ def build_summary(state: TrainState, config: Config, runtime: Runtime, data: Dat
     }
 
 
-def finish(state: TrainState, config: Config, runtime: Runtime, data: DataSplits, tensors: dict[str, torch.Tensor], out_dir: Path) -> FitResult:
-    """Final test evaluation (raw, EMA, flip TTA), run_summary.json and plots; returns the FitResult."""
+def choose_reported_weights(state: TrainState) -> tuple[str, str]:
+    """("ema" | "raw", why): the better on the validation split when there is one; without one, the EMA once its
+    decay ramp is done (before that it mostly follows the recent raw weights and is not a separate model), else raw."""
+    if state.ema is None:
+        return "raw", "no EMA"
+    last = state.history[-1]
+    if "val_accuracy" in last:
+        better = "ema" if last["ema_val_accuracy"] >= last["val_accuracy"] else "raw"
+        return better, f"higher validation accuracy ({last['ema_val_accuracy']:.4f} EMA vs {last['val_accuracy']:.4f} raw)"
+    if state.ema.warmed_up(state.step):
+        return "ema", "no validation split; EMA warm-up done"
+    return "raw", f"no validation split; EMA decay still ramping at step {state.step} (reaches {state.ema.decay} later)"
+
+
+def run_facts(state: TrainState, config: Config, run: dict[str, Any]) -> dict[str, Any]:
+    """Processes, devices and, for a budgeted run, the budget against the time taken."""
+    facts = {"world_size": run.get("world_size", 1), "devices": run.get("devices", [])}
+    if state.budget_plan is not None:
+        budget = config.train.time_budget_minutes * 60 if config.train.time_budget_minutes else state.budget_plan["budget_seconds"]
+        started = run.get("started_monotonic")
+        facts["time_budget"] = {"budget_seconds": budget, "planned_steps": state.total_steps, "epochs": len(state.history),
+                                "actual_seconds": None if started is None else time.monotonic() - started,
+                                "actual_note": "this fit() call: data loading, compile, training, evaluation, checkpoints, final evaluation",
+                                "plan": state.budget_plan}
+    return facts
+
+
+def finish(state: TrainState, config: Config, runtime: Runtime, data: DataSplits, tensors: dict[str, torch.Tensor], out_dir: Path,
+           run: dict[str, Any] | None = None) -> FitResult:
+    """Final test evaluation (raw, EMA, flip TTA), run_summary.json and plots; returns the FitResult.
+
+    Args:
+        run: facts of this fit call: world_size, devices, started_monotonic (time.monotonic() when fit() began).
+    """
     images, labels, batch = tensors["test_images"], tensors["test_labels"], config.train.eval_batch_size
     last = state.history[-1]  # raw and EMA test accuracy of the final weights were measured at the last epoch
-    final_model = state.ema.module if state.ema is not None else state.model
+    weights, why = choose_reported_weights(state)
+    final_model = state.ema.module if weights == "ema" else state.model
     final: dict[str, Any] = {"raw": last["test_accuracy"]}
     if state.ema is not None:
         final["ema"] = last["ema_test_accuracy"]
@@ -104,8 +138,10 @@ def finish(state: TrainState, config: Config, runtime: Runtime, data: DataSplits
     if config.train.tta:
         final["tta"] = chosen.accuracy
     final["reported"] = chosen.accuracy
-    final["reported_is"] = "+".join(["ema" if state.ema is not None else "raw"] + (["flip-tta"] if config.train.tta else []))
-    summary = build_summary(state, config, runtime, data, final, chosen.predictions)
+    final["reported_is"] = "+".join([weights] + (["flip-tta"] if config.train.tta else []))
+    final["reported_because"] = why
+    summary = build_summary(state, config, runtime, data, final, chosen.predictions) | run_facts(state, config, run or {})
+    atomic_write(out_dir / "test_predictions.npy", lambda file: np.save(file, chosen.predictions))  # for the notebook after torchrun
     write_json_atomic(summary, out_dir / "run_summary.json")
     print(f"final test accuracy ({final['reported_is']}): {final['reported']:.4f} | raw {final['raw']:.4f} | summary: {out_dir / 'run_summary.json'}")
     result = FitResult(config, out_dir, "finished", state.step, state.history, summary, final_model, data, chosen.predictions)
@@ -150,10 +186,12 @@ def plot_curves(result: FitResult, show: bool = True) -> Path | None:
     epochs = [r["epoch"] for r in history]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(epochs, [r["train_loss"] for r in history], label="train (augmented)")
-    axes[0].plot(epochs, [r["test_loss"] for r in history], label="test")
+    evaluated = [r for r in history if "test_loss" in r]  # evaluation runs on a schedule, not at every epoch
+    axes[0].plot([r["epoch"] for r in evaluated], [r["test_loss"] for r in evaluated], label="test")
     for key, label in [("train_accuracy", "train (augmented)"), ("test_accuracy", "test"), ("ema_test_accuracy", "test, EMA"), ("val_accuracy", "val")]:
-        if key in history[0]:
-            axes[1].plot(epochs, [r[key] for r in history], label=label)
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        if points:
+            axes[1].plot(*zip(*points), label=label, marker="." if len(points) < len(history) else None)
     axes[2].plot(epochs, [r["lr"] for r in history])
     for axis, title in zip(axes, ["loss", "accuracy", "learning rate (end of epoch)"]):
         axis.set_title(title)

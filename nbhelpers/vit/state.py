@@ -23,7 +23,11 @@ from nbhelpers.vit.model import VisionTransformer
 
 
 class ModelEma(nn.Module):
-    """Exponential moving average of a model's weights, updated on the device without host syncs."""
+    """Exponential moving average of a model's weights, updated on the device without host syncs.
+
+    The decay ramps up as timm's does, min(decay, (1 + step) / (10 + step)): early on the average follows the
+    model closely, so a short run's EMA is not still partly the random initialisation.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
@@ -31,12 +35,20 @@ class ModelEma(nn.Module):
         self.decay = decay
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
+    def decay_at(self, step: int) -> float:
+        """The decay used for the update after optimizer step `step` (0-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    def warmed_up(self, steps: int) -> bool:
+        """Whether the ramp has reached the configured decay after `steps` updates."""
+        return steps > 0 and self.decay_at(steps - 1) >= self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
         if self._pairs is None:  # built once: load_state_dict copies in place, so these tensors stay the live ones
             pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values()) if e.dtype.is_floating_point]
             self._pairs = ([e for e, _ in pairs], [m for _, m in pairs])
-        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1.0 - self.decay)
+        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1.0 - self.decay_at(step))
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -79,6 +91,9 @@ class TrainState:
     train_seconds: float = 0.0  # time in training steps, summed over sessions
     wall_seconds: float = 0.0  # wall-clock time of training + per-epoch evaluation, summed over sessions
     saved_step: int | None = None  # step of the last.pt on disk (loaded or written in this session); not saved
+    total_steps: int = 0  # length of the LR schedule (steps); set from epochs, or from the time budget once measured
+    warmup_steps: int = 0  # linear LR warm-up (steps)
+    budget_plan: dict[str, Any] | None = None  # what the time budget measured and chose (None = sized by epochs)
 
     def weights_are_finite(self) -> bool:
         """True when no weight of the model or its EMA is NaN or infinite (one host sync)."""
@@ -100,6 +115,7 @@ class TrainState:
             "scaler": self.scaler.state_dict(), "rng": rng_state(), "step": self.step,
             "history": self.history, "best_val_accuracy": self.best_val_accuracy,
             "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds, "config": config.to_dict(),
+            "total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "budget_plan": self.budget_plan,
         }
 
     def load(self, payload: dict[str, Any]) -> None:
@@ -118,6 +134,9 @@ class TrainState:
         self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
         self.wall_seconds = payload.get("wall_seconds", 0.0)
         self.saved_step = self.step
+        if payload.get("budget_plan"):  # a budget-sized schedule is kept on resume; an epoch-sized one follows EPOCHS
+            self.total_steps, self.warmup_steps = payload["total_steps"], payload["warmup_steps"]
+            self.budget_plan = payload["budget_plan"]
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""A folder of images (or of videos) split across `torchrun` processes, resumable, with a per-input summary.
+
+    torchrun --nproc_per_node=N -m nbhelpers.seg FOLDER --prompt "a cat" --out DIR
+
+Every process loads the models on its own device and segments every N-th input (images in name order; a
+folder of videos: one video at a time per process). Each input's outputs are the same files a single-process run
+writes, so the union of the processes' outputs is that run's. Inputs whose outputs are complete are skipped
+(a session that died mid-folder continues), unless `overwrite`. Rank 0 writes DIR/inputs_summary.json listing every
+input: done, skipped (complete outputs found) or failed with the reason.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from nbhelpers import distributed
+from nbhelpers.platform import atomic_write, ensure_writable_dir
+from nbhelpers.seg import pipeline
+from nbhelpers.seg.export import OUTPUT_FILES
+from nbhelpers.seg.inputs import list_image_files
+from nbhelpers.seg.models import SegmentationModels
+from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file, segment_video
+
+SUMMARY_FILE = "inputs_summary.json"
+VIDEO_OUTPUTS = ("video_overlay.mp4", "tracks.json")
+
+
+@dataclass
+class InputStatus:
+    input: str  # file name inside the folder
+    output: str  # output folder, relative to OUT
+    status: str  # "done" | "skipped" | "failed"
+    reason: str = ""  # why it failed, or why it was skipped
+    rank: int = 0  # the process that handled it
+
+
+def list_video_files(folder: Path) -> list[Path]:
+    """Video files directly inside `folder` (animated GIFs included), sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and is_video_file(path))
+
+
+def outputs_complete(folder: Path, names: tuple[str, ...]) -> bool:
+    return all((folder / name).is_file() for name in names)
+
+
+def my_share(planned: list[tuple[Path, Path]], names: tuple[str, ...], overwrite: bool, block: int = 1
+             ) -> tuple[list[tuple[Path, Path]], list[InputStatus]]:
+    """This rank's inputs still to do, and the statuses of those it skips as complete.
+
+    The inputs are dealt out in whole blocks of `block` (the batch size): batched inference pads the images of a
+    batch together, so keeping the single-process batches keeps each image's result identical to that run's.
+    """
+    todo, skipped = [], []
+    mine = [item for index, item in enumerate(planned) if (index // block) % distributed.world_size() == distributed.rank()]
+    for file, folder in mine:
+        if not overwrite and outputs_complete(folder, names):
+            skipped.append(InputStatus(file.name, folder.name, "skipped", "complete outputs found (--overwrite redoes them)", distributed.rank()))
+        else:
+            todo.append((file, folder))
+    return todo, skipped
+
+
+def write_summary(statuses: list[InputStatus], out_dir: Path, order: list[str]) -> dict:
+    """Gather every rank's statuses; rank 0 writes them in input order. Returns the summary (on every rank)."""
+    gathered = [status for part in distributed.gather_objects([asdict(s) for s in statuses]) for status in part]
+    position = {name: index for index, name in enumerate(order)}
+    gathered.sort(key=lambda status: position.get(status["input"], len(order)))
+    counts = {kind: sum(status["status"] == kind for status in gathered) for kind in ("done", "skipped", "failed")}
+    summary = {"world_size": distributed.world_size(), "counts": counts, "inputs": gathered}
+    if distributed.is_main():
+        text = json.dumps(summary, indent=2)
+        atomic_write(out_dir / SUMMARY_FILE, lambda file: file.write(text.encode()))
+        print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed -> {out_dir / SUMMARY_FILE}", flush=True)
+    return summary
+
+
+def report_failure(statuses: list[InputStatus], folder_of: dict[str, Path]) -> Callable[[str, Exception], None]:
+    """An `on_unreadable` callback recording the failure (the run goes on with the other inputs)."""
+    def record(name: str, error: Exception) -> None:
+        statuses.append(InputStatus(name, folder_of[name].name, "failed", str(error), distributed.rank()))
+        print(f"error: skipped {name}: {error}", file=sys.stderr, flush=True)
+
+    return record
+
+
+def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels, overwrite: bool = False,
+               video_options: dict | None = None) -> dict:
+    """This process's share of the folder's images, then of its videos; returns the summary of every input.
+
+    Args:
+        config: `images` is the folder; outputs go to OUT/<input stem>/ (a video: video_overlay.mp4, tracks.json).
+        overwrite: redo inputs whose outputs are already complete.
+        video_options: keyword arguments for `segment_video` (frame_stride, redetect_every, ...).
+    """
+    source, out_dir = config.image_source(), ensure_writable_dir(config.output_dir(), "OUT_DIR")
+    images, videos = list_image_files(source), list_video_files(source)
+    planned = pipeline.plan_outputs(sorted(images + videos), out_dir)
+    is_video = {file: file in set(videos) for file, _ in planned}
+    image_todo, statuses = my_share([item for item in planned if not is_video[item[0]]], tuple(OUTPUT_FILES.values()), overwrite, config.batch_size)
+    video_todo, skipped_videos = my_share([item for item in planned if is_video[item[0]]], VIDEO_OUTPUTS, overwrite)
+    statuses += skipped_videos
+    if image_todo:
+        results = pipeline.run(config, models, on_unreadable=report_failure(statuses, dict((f.name, d) for f, d in image_todo)), planned=image_todo)
+        statuses += [InputStatus(result.name, result.folder.name, "done", rank=distributed.rank()) for result in results]
+    for file, folder in video_todo:
+        statuses.append(segment_one_video(file, folder, config, models, video_options or {}))
+    return write_summary(statuses, out_dir, [file.name for file, _ in planned])
+
+
+def segment_one_video(file: Path, folder: Path, config: pipeline.SegmentConfig, models: SegmentationModels, options: dict) -> InputStatus:
+    """One video of the folder into its own output folder; a bad video is recorded as failed, not raised."""
+    try:
+        result = segment_video(file, config.video_prompt or config.prompt, models, folder, settings=config.detection, **options)
+    except (ValueError, VideoError, VideoOutOfMemoryError) as error:
+        print(f"error: skipped {file.name}: {error}", file=sys.stderr, flush=True)
+        return InputStatus(file.name, folder.name, "failed", str(error), distributed.rank())
+    print(f"{file.name}: {result.summary()} -> {folder}", flush=True)
+    return InputStatus(file.name, folder.name, "done", rank=distributed.rank())
