@@ -3,6 +3,7 @@
     python benchmarks/seg_speed.py                      # GPU figures (about 3 minutes on an H100, model build included)
     python benchmarks/seg_speed.py --smoke              # tiny models, small inputs, CPU: checks the script (tests)
     python benchmarks/seg_speed.py --video-frames 240 2400 --skip-image
+    python benchmarks/seg_speed.py --backend sam3       # SAM 3 (facebook/sam3's configurations, random weights)
 
 Measures
 - image: GroundingDINO-tiny + SAM 2.1-hiera-tiny end to end per image (preprocessing, both models, postprocessing,
@@ -12,10 +13,15 @@ Measures
 - video: `segment_video` frames/s (decode, SAM 2 propagation, overlay, H.264 encode) and peak GPU memory for each
   length in --video-frames, 720p, one tracked object; plus SAM 2 propagation alone. Targets (H100): end-to-end
   image <= 100 ms at batch 1; video >= 60 frames/s; peak memory at the longest length within 10% of the shortest.
+- --backend sam3: the same image measurement through SAM 3 (840 M parameters: vision features once, one decoder
+  pass per phrase, per-label NMS), and `segment_video_sam3` frames/s with peak GPU memory (CPU: peak host RSS)
+  per length; random weights score every query alike, so the detection threshold is 0 and MAX_OBJECTS = 1 keeps
+  one track (the tracker runs once per object per frame). No CLIPSeg or propagation-only lines for SAM 3.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
@@ -30,22 +36,25 @@ from _common import emit, environment, profile_top_ops, synchronize, target_fiel
 
 from nbhelpers.seg.image import segment_images  # noqa: E402
 from nbhelpers.seg.inference import clipseg_probabilities  # noqa: E402
-from nbhelpers.seg.models import load_models, load_sam2_video  # noqa: E402
+from nbhelpers.seg.models import Sam3Models, load_models, load_sam2_video, load_sam3_models  # noqa: E402
 from nbhelpers.seg.render import overlay  # noqa: E402
 from nbhelpers.seg.types import DetectionSettings, FrameDetections, VideoSettings  # noqa: E402
 from nbhelpers.seg.video import segment_video  # noqa: E402
 from nbhelpers.seg.video.io import VideoWriter  # noqa: E402
+from nbhelpers.seg.video.sam3_tracking import segment_video_sam3  # noqa: E402
 from nbhelpers.seg.video.tracking import StreamingTracker  # noqa: E402
-from nbhelpers.testing import build_real_config_models, build_tiny_segmentation_models, make_test_frame, make_test_image  # noqa: E402
+from nbhelpers.testing import (build_real_config_models, build_real_config_sam3_models, build_tiny_sam3_models,  # noqa: E402
+                               build_tiny_segmentation_models, make_test_frame, make_test_image)
 
 PROMPT = "a cat. a remote"
-# Random weights: every box passes at 0; the five best are kept, a realistic number of boxes for SAM.
-SETTINGS = DetectionSettings(box_threshold=0.0, text_threshold=0.0, max_detections=5)
+# Random weights: every box (SAM 3: every instance) passes at 0; the five best are kept, a realistic number for SAM.
+SETTINGS = DetectionSettings(box_threshold=0.0, text_threshold=0.0, max_detections=5, sam3_threshold=0.0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs on the CPU (seconds)")
+    parser.add_argument("--backend", choices=("gdino-sam2", "sam3"), default="gdino-sam2", help="which backend to time")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: auto)")
     parser.add_argument("--models", type=Path, default=None, help="folder for the random models (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=None, help="timed images per measurement")
@@ -58,16 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     smoke = args.smoke
     args.repeats = args.repeats or (2 if smoke else 20)
     args.batch_size = args.batch_size or (2 if smoke else 8)
-    args.video_frames = args.video_frames or ([12, 120] if smoke else [240, 2400])
+    sam3 = args.backend == "sam3"
+    args.video_frames = args.video_frames or ([3, 6] if smoke and sam3 else [12, 120] if smoke else [240, 2400])
     args.image_size = (96, 128) if smoke else (800, 1200)  # (H, W)
     args.video_size = (32, 48) if smoke else (720, 1280)
     return args
 
 
+def _device(models) -> torch.device:
+    return models.image.device if isinstance(models, Sam3Models) else models.dino.device
+
+
 def measure_images(models, args, base: dict) -> None:
     height, width = args.image_size
     images = [make_test_image(height, width, seed=i) for i in range(args.batch_size)]
-    device = models.dino.device
+    device = _device(models)
     for batch_size in (1, args.batch_size):
         seconds = []
         for repeat in range(args.repeats + 2):  # two warm-up rounds
@@ -163,10 +177,42 @@ def measure_propagation(sam_video, args, base: dict) -> None:
         emit(base | {"measurement": "video_propagation_profile", "top_ops": profile_top_ops(step, sam_video.device)})
 
 
+def measure_sam3_video(models: Sam3Models, args, base: dict, workdir: Path) -> None:
+    """segment_video_sam3 end to end per length: frames/s, peak GPU memory, peak host RSS (process-wide maximum)."""
+    height, width = args.video_size
+    cuda = models.image.device.type == "cuda"
+    for frames in args.video_frames:
+        clip = write_clip(workdir / f"clip{frames}.mp4", frames, height, width)
+        result = segment_video_sam3(clip, "a cat", models, workdir / f"out{frames}", settings=SETTINGS,
+                                    video_settings=VideoSettings(max_objects=1), progress=False)
+        rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        record = base | {"measurement": "video_end_to_end", "frames": result.frames, "video_hw": [height, width],
+                         "objects": len(result.tracks), "frames_per_second": round(result.frames_per_second, 3),
+                         "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes if cuda else None,
+                         "peak_host_rss_bytes": rss_peak, "frames_held_peak": result.frames_held_peak,
+                         "codec": result.codec}
+        emit(record)
+
+
+def main_sam3(args, root: Path, temp: Path) -> None:
+    dirs = build_tiny_sam3_models(root) if args.smoke else build_real_config_sam3_models(root)
+    models = load_sam3_models(dirs["sam3"], dirs["sam3_video"], device=args.device)
+    base = {"benchmark": "seg_speed", "backend": "sam3", "smoke": args.smoke, "models": "tiny random" if args.smoke
+            else "random weights, real configs"} | environment(models.image.device)
+    base["is_h100"] = "h100" in base["device"].lower()
+    base["parameters"] = sum(parameter.numel() for parameter in models.image.model.parameters())
+    if not args.skip_image:
+        measure_images(models, args, base)
+    measure_sam3_video(models, args, base, temp)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="seg_speed_") as temp:
         root = args.models or Path(temp) / "models"
+        if args.backend == "sam3":
+            main_sam3(args, root, Path(temp))
+            return 0
         dirs = build_tiny_segmentation_models(root) if args.smoke else build_real_config_models(root)
         models = load_models(dirs["dino"], dirs["sam"], dirs["clipseg"], device=args.device)
         sam_video = load_sam2_video(dirs["sam"], None if args.device is None else _runtime(args.device))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 import shutil
 import tempfile
 from pathlib import Path
@@ -143,21 +144,26 @@ def _save_atomically(target: Path, save) -> Path:
     return target
 
 
-def _save_grounding_dino(folder: Path) -> None:
+def _save_grounding_dino(folder: Path, mm: bool = False) -> None:
+    """Tiny GroundingDINO; `mm=True`: the same sizes as MMGroundingDinoForObjectDetection (MM-Grounding-DINO and
+    LLMDet checkpoints' class), which uses the same processor."""
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, MMGroundingDinoConfig,
+                              MMGroundingDinoForObjectDetection, SwinConfig)
 
     vocab = tiny_bert_vocab()
     backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7,
                           out_features=["stage2", "stage3", "stage4"])
     text = BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=16, max_position_embeddings=128)
-    config = GroundingDinoConfig(
+    config_class, model_class = ((MMGroundingDinoConfig, MMGroundingDinoForObjectDetection) if mm
+                                 else (GroundingDinoConfig, GroundingDinoForObjectDetection))
+    config = config_class(
         backbone_config=backbone, text_config=text, d_model=32, encoder_layers=2, decoder_layers=2,
         encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
         num_queries=16, max_text_len=32, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2,
     )
-    model = GroundingDinoForObjectDetection(config).eval()
+    model = model_class(config).eval()
     tokenizer = BertTokenizer(vocab=vocab, model_max_length=32)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
     model.save_pretrained(folder)
@@ -213,6 +219,91 @@ def _save_clipseg(folder: Path) -> None:
                                         image_std=[0.229, 0.224, 0.225])
     model.save_pretrained(folder)
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def _tiny_sam3_detector_config(image_size: int, fpn_hidden_size: int, scale_factors: list[float],
+                                feature_sizes: list[list[int]] | None = None, queries: int = 5):
+    """A Sam3Config with 2-layer ViT / CLIP text encoders, one-layer DETR and geometry encoders, `queries` queries."""
+    from transformers import Sam3Config, Sam3ViTConfig, Sam3VisionConfig
+
+    vocab, _ = tiny_clip_bpe()
+    vit = Sam3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        image_size=image_size, patch_size=14, window_size=8, global_attn_indexes=[0, 1],
+                        pretrain_image_size=image_size)
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=fpn_hidden_size, scale_factors=scale_factors,
+                              **({"backbone_feature_sizes": feature_sizes} if feature_sizes else {}))
+    end = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=end, pad_token_id=end)
+    small = dict(hidden_size=fpn_hidden_size, num_layers=1, num_attention_heads=4, intermediate_size=64)
+    return Sam3Config(vision_config=vision, text_config=text, geometry_encoder_config=small, detr_encoder_config=small,
+                      detr_decoder_config=dict(small, num_queries=queries),
+                      mask_decoder_config=dict(hidden_size=fpn_hidden_size, num_upsampling_stages=2, num_attention_heads=4))
+
+
+def _tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=32)  # SAM 3's text encoder reads 32 tokens
+
+
+def _save_sam3(folder: Path) -> None:
+    """Sam3Model (image) with a 224 px ViT of hidden size 32: about 240 k parameters, under a second per image."""
+    from transformers import Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    Sam3Model(_tiny_sam3_detector_config(224, 32, [2.0, 1.0])).eval().save_pretrained(folder)
+    image_processor = Sam3ImageProcessor(size={"height": 224, "width": 224}, mask_size={"height": 64, "width": 64})
+    Sam3Processor(image_processor=image_processor, tokenizer=_tiny_clip_tokenizer()).save_pretrained(folder)
+
+
+# The tiny video model's detection thresholds: its random weights score every query about 0.24, so with these
+# each of its 3 queries starts a track (overlapping ones: the duplicates the NMS must catch). Runs pass
+# DetectionSettings(sam3_threshold=TINY_SAM3_VIDEO_THRESHOLDS["score_threshold_detection"]).
+TINY_SAM3_VIDEO_THRESHOLDS = {"score_threshold_detection": 0.2, "new_det_thresh": 0.2}
+
+
+def _save_sam3_video(folder: Path) -> None:
+    """Sam3VideoModel at 56 px (a 4x4 patch grid) with a short tracker memory (3 frames, 3 object pointers).
+
+    Sam3VideoModel needs the detector's FPN at the four scales [4, 2, 1, 0.5] of the patch grid, an FPN hidden size
+    above 64 (128) and the tracker's 64-channel memory (hard-coded upstream), see shared NOTES."""
+    from transformers import (Sam2VideoVideoProcessor, Sam3ImageProcessor, Sam3VideoConfig, Sam3VideoModel,
+                              Sam3VideoProcessor)
+
+    image_size, grid = 56, 4
+    detector = _tiny_sam3_detector_config(image_size, 128, [4.0, 2.0, 1.0, 0.5],
+                                          [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2], queries=3)
+    tracker = dict(
+        vision_config=detector.vision_config.to_dict(), image_size=image_size,
+        prompt_encoder_config=dict(hidden_size=128, image_size=image_size, patch_size=14),
+        mask_decoder_config=dict(hidden_size=128, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=32),
+        memory_attention_hidden_size=128, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=128,
+        memory_attention_rope_feat_sizes=[grid, grid], memory_encoder_hidden_size=128, mask_downsampler_embed_dim=128,
+        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=128, num_maskmem=3, max_object_pointers_in_encoder=3)
+    mask_size = 8 * grid
+    config = Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker, low_res_mask_size=mask_size,
+                             **TINY_SAM3_VIDEO_THRESHOLDS)
+    Sam3VideoModel(config).eval().save_pretrained(folder)
+    size = {"height": image_size, "width": image_size}
+    Sam3VideoProcessor(image_processor=Sam3ImageProcessor(size=size, mask_size={"height": mask_size, "width": mask_size}),
+                       video_processor=Sam2VideoVideoProcessor(size=size),
+                       tokenizer=_tiny_clip_tokenizer()).save_pretrained(folder)
+
+
+def build_tiny_sam3_models(root: str | os.PathLike) -> dict[str, Path]:
+    """Build (or reuse) tiny random SAM 3 image and video model folders.
+
+    Returns:
+        {"sam3": image model folder, "sam3_video": video model folder}; both load with `from_pretrained`.
+    """
+    return _build_models(root, {"sam3": ("sam3", _save_sam3), "sam3_video": ("sam3-video", _save_sam3_video)})
+
+
+def build_tiny_mm_grounding_dino(root: str | os.PathLike) -> Path:
+    """Build (or reuse) a tiny random MM-Grounding-DINO folder (model type mm-grounding-dino)."""
+    return _build_models(root, {"mm": ("mm-grounding-dino", partial(_save_grounding_dino, mm=True))})["mm"]
 
 
 def build_tiny_segmentation_models(root: str | os.PathLike) -> dict[str, Path]:
@@ -283,6 +374,34 @@ def build_real_config_models(root: str | os.PathLike) -> dict[str, Path]:
     return _build_models(root, {"dino": ("grounding-dino-tiny-random", _save_real_grounding_dino),
                                 "sam": ("sam2.1-hiera-tiny-random", _save_real_sam2),
                                 "clipseg": ("clipseg-rd64-random", _save_real_clipseg)})
+
+
+def _save_real_sam3(folder: Path) -> None:
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    Sam3Model(Sam3Config()).eval().save_pretrained(folder)  # the default config is facebook/sam3's (840 M)
+    Sam3Processor(image_processor=Sam3ImageProcessor(), tokenizer=_tiny_clip_tokenizer()).save_pretrained(folder)
+
+
+def _save_real_sam3_video(folder: Path) -> None:
+    from transformers import (Sam2VideoVideoProcessor, Sam3ImageProcessor, Sam3VideoConfig, Sam3VideoModel,
+                              Sam3VideoProcessor)
+
+    Sam3VideoModel(Sam3VideoConfig()).eval().save_pretrained(folder)  # facebook/sam3's video model layout (860 M)
+    size = {"height": 1008, "width": 1008}
+    Sam3VideoProcessor(image_processor=Sam3ImageProcessor(), video_processor=Sam2VideoVideoProcessor(size=size),
+                       tokenizer=_tiny_clip_tokenizer()).save_pretrained(folder)
+
+
+def build_real_config_sam3_models(root: str | os.PathLike) -> dict[str, Path]:
+    """Random weights in facebook/sam3's image and video configurations, real image processors, a tiny tokenizer
+    (its ids fit the real vocabulary): real compute cost, no download (about 7 GB on disk).
+
+    Returns:
+        {"sam3", "sam3_video"} -> folders that load with `from_pretrained`.
+    """
+    return _build_models(root, {"sam3": ("sam3-random", _save_real_sam3),
+                                "sam3_video": ("sam3-video-random", _save_real_sam3_video)})
 
 
 # ----------------------------------------------------------------------------- detections.json schema (tests)

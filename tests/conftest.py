@@ -21,3 +21,11 @@ def tiny_seg_models(tiny_seg_model_dirs: dict[str, Path]):
 
     dirs = tiny_seg_model_dirs
     return load_models(dino=dirs["dino"], sam=dirs["sam"], clipseg=dirs["clipseg"], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sam3_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"sam3", "sam3_video"} -> folders of tiny random SAM 3 image and video models (save_pretrained)."""
+    from nbhelpers.testing import build_tiny_sam3_models
+
+    return build_tiny_sam3_models(tmp_path_factory.mktemp("tiny-sam3-models"))

@@ -47,3 +47,18 @@ def test_ui_speed_smoke_reports_a_click(tmp_path: Path) -> None:
     assert (record["width"], record["height"]) == (600, 400) and record["saved"]
     assert 0 < record["model_s"] < record["click_s"] <= record["saved_s"]
     assert record["target_s"] == pytest.approx(3 * record["model_s"] + 2, abs=0.01)
+
+
+def test_seg_speed_sam3_smoke_reports_image_and_video(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "benchmarks/seg_speed.py", "--smoke", "--backend", "sam3", "--repeats", "1",
+                           "--video-frames", "2", "--models", str(tmp_path / "models")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert {record["backend"] for record in records} == {"sam3"} and records[0]["parameters"] > 0
+    images = [record for record in records if record["measurement"] == "image_end_to_end"]
+    assert [r["batch_size"] for r in images] == [1, 2] and all(r["ms_per_image"] > 0 for r in images)
+    (video,) = [record for record in records if record["measurement"] == "video_end_to_end"]
+    assert video["frames"] == 2 and video["frames_per_second"] > 0 and video["objects"] == 1
+    assert video["peak_host_rss_bytes"] > 0 and video["peak_gpu_memory_bytes"] is None

@@ -97,3 +97,24 @@ def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_s
     assert tracks["frames"] == 12 and tracks["width"] == 320 and tracks["prompt"] == "car. cat."
     assert 1 <= len(tracks["objects"]) <= 2 and tracks["codec"] == "h264"
     assert any("<video" in output.get("data", {}).get("text/html", "") for output in outputs), "the overlay plays inline"
+
+
+def test_q2_notebook_runs_the_sam3_backend(tmp_path, tiny_sam3_model_dirs):
+    """BACKEND="sam3" with tiny random SAM 3 models: the sample image and two frames of the sample clip."""
+    from nbhelpers.seg.export import load_detections
+    from nbhelpers.testing import TINY_SAM3_VIDEO_THRESHOLDS, validate_detections
+
+    out_dir = tmp_path / "q2"
+    notebook = run(
+        "q2_text_segmentation.ipynb", tmp_path, OUT_DIR=str(out_dir), DEVICE="cpu", TEXT_PROMPT="car. cat.",
+        BACKEND="sam3", SAM3_MODEL=str(tiny_sam3_model_dirs["sam3"]), SAM3_VIDEO_MODEL=str(tiny_sam3_model_dirs["sam3_video"]),
+        SAM3_THRESHOLD=TINY_SAM3_VIDEO_THRESHOLDS["score_threshold_detection"], MAX_FRAMES=2, MAX_OBJECTS=3,
+    )
+    detections = load_detections(out_dir / "sample" / "detections.json")
+    validate_detections(detections)
+    assert detections["source"] == "sam3" and detections["detections"]
+    assert detections["models"]["backend"] == "sam3" and detections["models"]["sam3_model"] == str(tiny_sam3_model_dirs["sam3"])
+    tracks = json.loads((out_dir / "video" / "sample_clip" / "tracks.json").read_text())
+    assert tracks["frames"] == 2 and tracks["backend"] == "sam3" and tracks["codec"] == "h264"
+    texts = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert 'set BACKEND = "both"' in texts  # the comparison section explains itself

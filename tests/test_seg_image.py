@@ -288,15 +288,15 @@ def test_stage_clock_synchronises_cuda_only_when_profiling(monkeypatch: pytest.M
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     gpu_models = SimpleNamespace(dino=SimpleNamespace(device=gpu), sam=SimpleNamespace(device=gpu),
                                  clipseg=SimpleNamespace(device=cpu))
-    clock = StageClock(gpu_models, sync=True)
+    clock = StageClock([gpu_models.dino, gpu_models.sam, gpu_models.clipseg], sync=True)
     clock.lap("preprocess")
     clock.lap("detect")
     assert synchronised == [gpu, gpu] and list(clock.seconds) == ["preprocess", "detect"]
     assert all(seconds >= 0 for seconds in clock.seconds.values())
     cpu_models = SimpleNamespace(dino=SimpleNamespace(device=cpu), sam=SimpleNamespace(device=cpu),
                                  clipseg=SimpleNamespace(device=cpu))
-    StageClock(cpu_models, sync=True).lap("preprocess")
-    default = StageClock(gpu_models)  # production default: no synchronize at all
+    StageClock([cpu_models.dino, cpu_models.sam, cpu_models.clipseg], sync=True).lap("preprocess")
+    default = StageClock([gpu_models.dino, gpu_models.sam, gpu_models.clipseg])  # production default: no synchronize at all
     default.lap("preprocess")
     assert synchronised == [gpu, gpu] and list(default.seconds) == ["preprocess"]
 

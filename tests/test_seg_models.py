@@ -66,9 +66,9 @@ def test_kaggle_style_nested_folder_is_found(tiny_seg_model_dirs, tmp_path: Path
 
 
 def test_wrong_model_kind_names_the_mix_up(tiny_seg_model_dirs) -> None:
-    with pytest.raises(ModelLoadError, match="holds a 'sam2_video' model, not 'grounding-dino'"):
+    with pytest.raises(ModelLoadError, match="holds a 'sam2_video' model, not grounding-dino / mm-grounding-dino"):
         load_grounding_dino(tiny_seg_model_dirs["sam"])
-    with pytest.raises(ModelLoadError, match="holds a 'grounding-dino' model, not 'sam2'"):
+    with pytest.raises(ModelLoadError, match="holds a 'grounding-dino' model, not sam2:"):
         load_sam2(tiny_seg_model_dirs["dino"])
 
 
@@ -193,4 +193,4 @@ def test_release_drops_other_models_of_one_kind(tiny_seg_model_dirs, tmp_path: P
     assert load_grounding_dino(tiny_seg_model_dirs["dino"], runtime) is dino  # other kinds stay cached
     assert seg_models.release("sam2", keep=latest) == 0
     with pytest.raises(ValueError, match="unknown model kind"):
-        seg_models.release("sam3")
+        seg_models.release("sam4")

@@ -169,7 +169,8 @@ def test_click_shows_figure_saves_real_metadata_and_reuses_models(loader, pictur
     assert saved["models"]["dino_model"] == str(loader.dirs["dino"].resolve())
     assert saved["models"]["sam_backend"] == "transformers:Sam2Model" and saved["models"]["device"] == "cpu"
     assert saved["thresholds"] == {"box_threshold": 1.0, "text_threshold": 0.25, "clipseg_threshold": 0.0,
-                                   "nms_iou": 0.4, "max_detections": None, "multimask": False}
+                                   "nms_iou": 0.4, "max_detections": None, "multimask": False, "sam3_threshold": 0.5,
+                                   "sam3_mask_threshold": 0.5}
     ui.button.click()  # re-run: output replaced, not appended; models not reloaded
     ui.wait_saved(60)
     assert len(_outputs(ui)[0]) == 1 and loader.loaded == ["facebook/sam2.1-hiera-tiny"]

@@ -1,7 +1,7 @@
 """Command line: text-prompted segmentation of an image, a folder of images, or a video.
 
-    python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR
-        [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
+    python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR [--backend gdino-sam2|sam3]
+        [--sam3 ID_OR_DIR] [--sam3-threshold F] [--sam3-mask-threshold F] [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
         [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
     python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
         [--max-frames N] [--max-objects N] [--forget-after SECONDS] [--clipseg-redetect] [--id-maps]
@@ -48,7 +48,7 @@ def fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM
+    from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3
 
     defaults = DetectionSettings()
     parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "animated GIF is a video, a single-frame GIF an image)")
     parser.add_argument("--prompt", required=True, help='objects to find, e.g. "a cat. a remote" or "cat, dog"')
     parser.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per image)")
+    parser.add_argument("--backend", choices=("gdino-sam2", "sam3"), default="gdino-sam2",
+                        help="gdino-sam2: GroundingDINO boxes -> SAM 2.1 masks, CLIPSeg fallback (default); "
+                             "sam3: SAM 3 segments every instance of each phrase (video: detects on every frame)")
+    parser.add_argument("--sam3", default=DEFAULT_SAM3, help="SAM 3 hub id (gated: accept the licence, set HF_TOKEN) "
+                        "or local folder")
+    parser.add_argument("--sam3-threshold", type=fraction, default=defaults.sam3_threshold,
+                        help="SAM 3 instance score minimum (default %(default)s)")
+    parser.add_argument("--sam3-mask-threshold", type=fraction, default=defaults.sam3_mask_threshold,
+                        help="SAM 3 mask probability cut (default %(default)s)")
     parser.add_argument("--box-threshold", type=fraction, default=defaults.box_threshold,
                         help="GroundingDINO box score minimum (default %(default)s)")
     parser.add_argument("--text-threshold", type=fraction, default=defaults.text_threshold,
@@ -67,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nms-iou", type=fraction, default=defaults.nms_iou,
                         help="per-label NMS overlap limit (default %(default)s)")
     parser.add_argument("--multimask", action="store_true", help="SAM: best of three masks per box")
-    parser.add_argument("--dino", default=DEFAULT_DINO, help="GroundingDINO hub id, 'tiny'/'base' or local folder")
+    parser.add_argument("--dino", default=DEFAULT_DINO, help="detector: GroundingDINO / MM-Grounding-DINO / LLMDet hub "
+                        "id, tiny/base/mm-tiny/llmdet-tiny/llmdet-base/llmdet-large, or local folder")
     parser.add_argument("--sam", default=DEFAULT_SAM, help="SAM 2.1 hub id, tiny/small/base-plus/large or folder")
     parser.add_argument("--clipseg", default=DEFAULT_CLIPSEG, help="CLIPSeg hub id or local folder")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: auto)")
@@ -76,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     video = parser.add_argument_group("video")
     video_defaults = VideoSettings()
     video.add_argument("--redetect-every", type=int, default=video_defaults.redetect_every,
-                       help="frames between detections that add or revive objects; 0 = detect once (default %(default)s)")
+                       help="frames between detections that add or revive objects; 0 = detect once (default "
+                            "%(default)s); gdino-sam2 only: sam3 detects on every frame")
     video.add_argument("--frame-stride", type=int, default=video_defaults.frame_stride, help="process every n-th frame")
     video.add_argument("--max-frames", type=int, default=video_defaults.max_frames,
                        help="stop after this many processed frames")
@@ -100,7 +111,7 @@ def _prepare(args: argparse.Namespace):
     """Check the inputs cheaply first, then load the models; any problem here is the user's to fix."""
     from nbhelpers.platform import ensure_writable_dir, select_runtime
     from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, normalize_prompt
-    from nbhelpers.seg.models import ModelLoadError, load_models, resolve_model_source
+    from nbhelpers.seg.models import ModelLoadError, load_models, load_sam3_models, resolve_model_source
     from nbhelpers.seg.folder_run import list_video_files
     from nbhelpers.seg.video import is_video_file, probe_video
 
@@ -122,6 +133,9 @@ def _prepare(args: argparse.Namespace):
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         ensure_writable_dir(args.out, "--out")
         select_runtime(args.device, verbose=False)  # "cuda" without a GPU fails here
+        if args.backend == "sam3":
+            print(f"loading SAM 3: {args.sam3}", flush=True)
+            return source, load_sam3_models(args.sam3, device=args.device)
         for model, kind in ((args.dino, "grounding-dino"), (args.sam, "sam2"), (args.clipseg, "clipseg")):
             resolve_model_source(model, kind)  # a mistyped folder fails before the other models download
         print(f"loading models: {args.dino} | {args.sam} | {args.clipseg}", flush=True)
@@ -142,7 +156,8 @@ def report_unreadable(args: argparse.Namespace, name: str, error: Exception) -> 
 
 def _settings(args: argparse.Namespace) -> DetectionSettings:
     return DetectionSettings(box_threshold=args.box_threshold, text_threshold=args.text_threshold,
-                             clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, multimask=args.multimask)
+                             clipseg_threshold=args.clipseg_threshold, nms_iou=args.nms_iou, multimask=args.multimask,
+                             sam3_threshold=args.sam3_threshold, sam3_mask_threshold=args.sam3_mask_threshold)
 
 
 def _video_settings(args: argparse.Namespace) -> VideoSettings:
@@ -159,10 +174,12 @@ def video_options(args: argparse.Namespace) -> dict:
 
 def run_video(args: argparse.Namespace, source: Path, models) -> int:
     """Segment a video into --out; returns the exit code."""
-    from nbhelpers.seg.video import VideoOutOfMemoryError, segment_video
+    from nbhelpers.seg.pipeline import segment_any_video
+    from nbhelpers.seg.video import VideoOutOfMemoryError
 
     try:
-        result = segment_video(source, args.prompt, models, args.out, settings=_settings(args), **video_options(args))
+        result = segment_any_video(source, args.prompt, models, args.out, settings=_settings(args),
+                                   **video_options(args))
     except (ValueError, VideoOutOfMemoryError) as error:  # bad options, an unreadable video, or too little GPU memory
         raise BadInput(str(error)) from error
     print(result.summary(), "->", args.out, flush=True)
@@ -181,8 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if is_video_file(source):
         return run_video(args, source, models)
     config = pipeline.SegmentConfig(
-        images=str(source), prompt=args.prompt, out_dir=str(args.out), dino_model=args.dino, sam_model=args.sam,
-        clipseg_model=args.clipseg, detection=_settings(args), batch_size=args.batch_size, device=args.device,
+        images=str(source), prompt=args.prompt, out_dir=str(args.out), backend=args.backend, dino_model=args.dino,
+        sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, detection=_settings(args), batch_size=args.batch_size, device=args.device,
     )
     if source.is_dir():
         summary = run_folder(config, models, args.overwrite, video_options(args))

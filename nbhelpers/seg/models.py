@@ -1,4 +1,9 @@
-"""Load GroundingDINO, SAM 2.1 and CLIPSeg (Hugging Face transformers) once (running them: seg.inference).
+"""Load the segmentation models (Hugging Face transformers) once: GroundingDINO-family detectors, SAM 2.1 and
+CLIPSeg for the default backend, SAM 3 (image and video) for the other (running them: seg.inference, seg.backends).
+
+The detector loads through transformers' zero-shot detection Auto classes, so GroundingDINO (tiny/base),
+MM-Grounding-DINO and LLMDet checkpoints (MMGroundingDinoForObjectDetection: same processor and post-processing)
+all work. `facebook/sam3` is gated: a refused download (401/403/gated) gets a message naming the fixes.
 
 Every model argument takes a hub id ("IDEA-Research/grounding-dino-tiny"), a short name ("tiny",
 "base-plus") or a local folder written by `save_pretrained` / `hf download --local-dir` (offline Kaggle:
@@ -30,14 +35,20 @@ from nbhelpers.platform import Runtime, select_runtime
 DEFAULT_DINO = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM = "facebook/sam2.1-hiera-tiny"
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
+DEFAULT_SAM3 = "facebook/sam3"  # one hub repo holds both the image (Sam3Model) and the video (Sam3VideoModel) model
 
 SHORT_NAMES = {
-    "grounding-dino": {"tiny": "IDEA-Research/grounding-dino-tiny", "base": "IDEA-Research/grounding-dino-base"},
+    "grounding-dino": {"tiny": "IDEA-Research/grounding-dino-tiny", "base": "IDEA-Research/grounding-dino-base",
+                       "mm-tiny": "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg_v3det",
+                       **{f"llmdet-{size}": f"iSEE-Laboratory/llmdet_{size}" for size in ("tiny", "base", "large")}},
     "sam2": {name: f"facebook/sam2.1-hiera-{name}" for name in ("tiny", "small", "base-plus", "large")},
     "clipseg": {"rd64-refined": "CIDAS/clipseg-rd64-refined", "rd64": "CIDAS/clipseg-rd64-refined"},
 }
 SHORT_NAMES["sam2-video"] = SHORT_NAMES["sam2"]  # the same hub checkpoints hold the video predictor
-EXPECTED_MODEL_TYPE = {"grounding-dino": "grounding-dino", "sam2": "sam2", "sam2-video": "sam2", "clipseg": "clipseg"}
+SHORT_NAMES["sam3"] = SHORT_NAMES["sam3-video"] = {"sam3": DEFAULT_SAM3}
+# config.json model_type prefixes accepted per kind (a folder of another model is refused before loading)
+EXPECTED_MODEL_TYPE = {"grounding-dino": ("grounding-dino", "mm-grounding-dino"), "sam2": ("sam2",),
+                       "sam2-video": ("sam2",), "clipseg": ("clipseg",), "sam3": ("sam3",), "sam3-video": ("sam3",)}
 
 
 class ModelLoadError(ValueError):
@@ -101,6 +112,31 @@ def _offline_message(kind: str, model_id: str, error: Exception) -> str:
     )
 
 
+def _access_refused(error: BaseException) -> bool:
+    """True when the hub refused the download (gated licence not accepted, no or wrong token: 401/403)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(seen, GatedRepoError) or "gated repo" in str(seen).lower() or (
+                isinstance(seen, HfHubHTTPError) and getattr(response, "status_code", None) in (401, 403)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _gated_message(kind: str, model_id: str, error: Exception) -> str:
+    return (
+        f"the hub refused {kind} model {model_id!r} ({type(error).__name__}: {str(error).splitlines()[0]}): it is gated "
+        f"(licence to accept) or needs a login. Fix: (1) accept the licence on https://huggingface.co/{model_id} with "
+        f"your account, create a read token and set it as HF_TOKEN (Kaggle: Add-ons > Secrets, then "
+        f"`os.environ['HF_TOKEN'] = UserSecretsClient().get_secret('HF_TOKEN')`; Colab: the key icon, secret HF_TOKEN); "
+        f"or (2) on a machine with access run `hf download {model_id} --local-dir DIR`, attach DIR as a Kaggle data set "
+        f"and pass that folder path instead of the id."
+    )
+
+
 def _check_model_type(folder: str, kind: str) -> None:
     try:
         model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
@@ -109,7 +145,7 @@ def _check_model_type(folder: str, kind: str) -> None:
     expected = EXPECTED_MODEL_TYPE[kind]
     if not model_type.replace("_", "-").startswith(expected):
         raise ModelLoadError(
-            f"{folder} holds a {model_type!r} model, not {expected!r}: pass the {kind} folder for this argument."
+            f"{folder} holds a {model_type!r} model, not {' / '.join(expected)}: pass the {kind} folder for this argument."
         )
 
 
@@ -157,6 +193,8 @@ def _load(kind: str, model: str | os.PathLike, runtime: Runtime | None, model_cl
     except OSError as error:
         if is_local:
             raise ModelLoadError(f"{kind} folder {source!r} is incomplete or unreadable: {error}") from error
+        if _access_refused(error):
+            raise ModelLoadError(_gated_message(kind, source, error)) from error
         raise ModelLoadError(_offline_message(kind, source, error)) from error
     network = network.to(runtime.device).eval()
     loaded = LoadedModel(network, processor, source, runtime.device, weight_dtype, amp_dtype,
@@ -166,19 +204,21 @@ def _load(kind: str, model: str | os.PathLike, runtime: Runtime | None, model_cl
 
 
 def load_grounding_dino(model_id: str | os.PathLike = DEFAULT_DINO, runtime: Runtime | None = None) -> LoadedModel:
-    """GroundingDINO detector (bf16 autocast on bf16-capable CUDA GPUs, else fp32).
+    """Text-prompted box detector of the GroundingDINO family (bf16 autocast on bf16-capable CUDA GPUs, else fp32).
 
+    Loaded through AutoModelForZeroShotObjectDetection / AutoProcessor, so GroundingDINO, MM-Grounding-DINO and
+    LLMDet checkpoints all work (they share the processor and `post_process_grounded_object_detection`).
     Args:
-        model_id: hub id, "tiny" / "base", or a local folder.
+        model_id: hub id, a short name ("tiny", "base", "mm-tiny", "llmdet-tiny" / "-base" / "-large") or a folder.
         runtime: from nbhelpers.platform.select_runtime; None = auto.
     Returns:
         LoadedModel (cached: a second call returns the same object).
     """
-    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     runtime = _runtime(runtime)
     amp = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else None
-    return _load("grounding-dino", model_id, runtime, GroundingDinoForObjectDetection, GroundingDinoProcessor, amp)
+    return _load("grounding-dino", model_id, runtime, AutoModelForZeroShotObjectDetection, AutoProcessor, amp)
 
 
 class _DropSam2VideoNotice(logging.Filter):
@@ -218,6 +258,60 @@ def load_clipseg(model_id: str | os.PathLike = DEFAULT_CLIPSEG, runtime: Runtime
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
     return _load("clipseg", model_id, runtime, CLIPSegForImageSegmentation, CLIPSegProcessor, None)
+
+
+def load_sam3(model_id: str | os.PathLike = DEFAULT_SAM3, runtime: Runtime | None = None) -> LoadedModel:
+    """SAM 3 image model (Sam3Model + Sam3Processor): text concept -> every instance's mask. fp32 weights, bf16
+    autocast on bf16-capable CUDA GPUs. Gated on the hub: see the module docstring."""
+    from transformers import Sam3Model, Sam3Processor
+
+    runtime = _runtime(runtime)
+    amp = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else None
+    return _load("sam3", model_id, runtime, Sam3Model, Sam3Processor, amp)
+
+
+def load_sam3_video(model_id: str | os.PathLike = DEFAULT_SAM3, runtime: Runtime | None = None) -> LoadedModel:
+    """SAM 3 video model (Sam3VideoModel + Sam3VideoProcessor) for streaming detection and tracking; bf16 weights
+    on bf16-capable CUDA GPUs (as for SAM 2 video), else fp32."""
+    from transformers import Sam3VideoModel, Sam3VideoProcessor
+
+    runtime = _runtime(runtime)
+    weights = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else torch.float32
+    return _load("sam3-video", model_id, runtime, Sam3VideoModel, Sam3VideoProcessor, None, weights)
+
+
+@dataclass(frozen=True)
+class Sam3Models:
+    """SAM 3's image model and, for videos, its video model (loaded on first use: most runs are images only)."""
+
+    image: LoadedModel
+    video_id: str  # hub id or folder of the Sam3VideoModel checkpoint
+
+    def describe(self) -> dict[str, str]:
+        """Model ids and backends, for metadata files."""
+        return {"sam3_model": self.image.model_id, "sam3_backend": self.image.backend,
+                "sam3_video_model": self.video_id, "device": str(self.image.device)}
+
+    def video(self) -> LoadedModel:
+        """The Sam3VideoModel on the image model's device (cached after the first call)."""
+        runtime = select_runtime(str(self.image.device), "auto", compile=False, verbose=False)
+        return load_sam3_video(self.video_id, runtime)
+
+
+def load_sam3_models(sam3: str | os.PathLike = DEFAULT_SAM3, sam3_video: str | os.PathLike | None = None,
+                     device: str | None = None, precision: str = "auto") -> Sam3Models:
+    """Load (or reuse) the SAM 3 image model; the video model (`sam3_video`, None = the same checkpoint) loads when
+    a video is first segmented.
+
+    Args:
+        sam3: hub id, "sam3" or a local folder. device, precision: as for `load_models`.
+    Returns:
+        Sam3Models.
+    """
+    runtime = select_runtime(device, precision, compile=False)
+    video_id = sam3 if sam3_video is None else sam3_video
+    resolve_model_source(video_id, "sam3-video")  # a mistyped video folder fails now, not at the first video
+    return Sam3Models(load_sam3(sam3, runtime), str(video_id))
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,16 @@ from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, load_image
-from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, SegmentationModels, load_models
+from nbhelpers.seg.models import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, Sam3Models, SegmentationModels,
+                                  load_models, load_sam3_models)
 from nbhelpers.seg.render import show_overlay
 from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation, VideoSettings
 from nbhelpers.seg.video import segment_video
+from nbhelpers.seg.video.sam3_tracking import segment_video_sam3
+
+# GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback): the default; SAM 3 alone; "both": the default, plus
+# `compare_backends` running the same image and clip through each
+BACKENDS = ("gdino-sam2", "sam3", "both")
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
 SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "assets" / "sample_clip.mp4"
@@ -32,16 +38,20 @@ class SegmentConfig:
     images: str | None = None  # an image file or a folder of images; None = the sample image in assets/
     prompt: str = "car. sun."  # objects to find: "a cat. a remote", "cat, dog" or a list of phrases
     out_dir: str | None = None  # None = platform default (/kaggle/working/outputs/q2_seg, …, ./outputs/q2_seg)
+    backend: str = "gdino-sam2"  # "gdino-sam2" (GroundingDINO -> SAM 2.1), "sam3" (SAM 3 alone) or "both" (compare)
     dino_model: str = DEFAULT_DINO  # GroundingDINO hub id, 'tiny' / 'base', or a local folder
     sam_model: str = DEFAULT_SAM  # SAM 2.1 hub id, 'tiny' / 'small' / 'base-plus' / 'large', or a local folder
     clipseg_model: str = DEFAULT_CLIPSEG  # CLIPSeg hub id or a local folder
+    sam3_model: str = DEFAULT_SAM3  # SAM 3 hub id (gated: accept its licence, set HF_TOKEN) or a local folder
+    sam3_video_model: str | None = None  # SAM 3 video checkpoint (hub id or folder); None = sam3_model
     detection: DetectionSettings = field(default_factory=DetectionSettings)  # thresholds, NMS, box cap, multimask
     batch_size: int = 4  # images per forward pass
     device: str | None = None  # None = auto (cuda > mps > cpu)
     # video (segment_video)
     video: str | None = None  # a video file; None = the sample clip in assets/
     video_prompt: str | None = None  # None = `prompt`
-    video_settings: VideoSettings = field(default_factory=VideoSettings)  # stride, re-detection, objects at once, ids
+    # stride, re-detection, objects at once, ids (SAM 3: only stride, frame cap and objects at once apply)
+    video_settings: VideoSettings = field(default_factory=VideoSettings)
     save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
     save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
     offload_video: bool = False  # keep frames and SAM 2 state on the CPU (less GPU memory, slower)
@@ -84,9 +94,15 @@ def check_images(config: SegmentConfig) -> None:
                          + "; ".join(str(error) for _, error in unreadable))
 
 
-def load_configured_models(config: SegmentConfig) -> SegmentationModels:
-    """Check the configured images, then load (once per process) the three models the config names."""
+def load_configured_models(config: SegmentConfig, backend: str | None = None) -> SegmentationModels | Sam3Models:
+    """Check the configured images, then load (once per process) the models of `backend` (None: the configured
+    one; "both" loads the default's)."""
+    backend = config.backend if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"BACKEND={backend!r}: use one of {list(BACKENDS)}.")
     check_images(config)
+    if backend == "sam3":
+        return load_sam3_models(config.sam3_model, config.sam3_video_model, device=config.device)
     return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
 
 
@@ -122,7 +138,7 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
     for name, image, segmentation in iter_segmentations([file for file, _ in planned], config.prompt, models, config.detection,
                                                         batch_size=config.batch_size, on_unreadable=on_unreadable):
         folder = folder_of[name]
-        metadata = {"models": models.describe(), "thresholds": config.detection.as_dict(),
+        metadata = {"models": {"backend": config.backend} | models.describe(), "thresholds": config.detection.as_dict(),
                     "source_file": str(source / name if source.is_dir() else source)}
         files = save_outputs(image, segmentation, folder, metadata)
         if verbose:
@@ -148,7 +164,15 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
 # ----------------------------------------------------------------------------- video
 
 
-def run_video(config: SegmentConfig, models: SegmentationModels | None = None, verbose: bool = True
+def segment_any_video(video, prompt, models: SegmentationModels | Sam3Models, out_dir, **options) -> VideoSegmentation:
+    """`segment_video` for GroundingDINO + SAM 2 models, `segment_video_sam3` for SAM 3 models (which detects on
+    every frame, so `video_settings.redetect_every` does not apply to it). Options as for `segment_video`."""
+    if isinstance(models, Sam3Models):
+        return segment_video_sam3(video, prompt, models, out_dir, **options)
+    return segment_video(video, prompt, models, out_dir, **options)
+
+
+def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | None = None, verbose: bool = True
               ) -> VideoSegmentation:
     """Segment the configured video into OUT_DIR/video/<video stem>/ (video_overlay.mp4, tracks.json[, id_maps/]).
 
@@ -157,7 +181,7 @@ def run_video(config: SegmentConfig, models: SegmentationModels | None = None, v
     """
     source = config.video_source()
     models = models or load_configured_models(config)
-    result = segment_video(
+    result = segment_any_video(
         source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
         settings=config.detection, video_settings=config.video_settings, save_id_maps=config.save_id_maps,
         save_masks=config.save_masks,
@@ -198,7 +222,9 @@ def _configured_sam_size(config: SegmentConfig) -> str:
     return "tiny"
 
 
-def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels:
+def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels | Sam3Models:
+    if sam_checkpoint == ui.SAM3_CHECKPOINT:  # the SAM 3 backend: the configured checkpoint (maybe a folder)
+        return load_configured_models(config, "sam3")
     # The configured SAM (maybe a local folder on offline Kaggle) stands for its own dropdown entry.
     sam = config.sam_model if sam_checkpoint == ui.SAM_CHECKPOINTS[_configured_sam_size(config)] else sam_checkpoint
     return load_models(config.dino_model, sam, config.clipseg_model, device=config.device)
@@ -207,5 +233,6 @@ def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationMode
 def launch_ui(config: SegmentConfig):
     """Widgets (upload, prompt, thresholds, SAM size, run button) preset from `config`; None when headless."""
     defaults = {"image_path": str(config.image_source()), "prompt": config.prompt,
-                "sam_size": _configured_sam_size(config)} | config.detection.as_dict()
+                "sam_size": _configured_sam_size(config), "backend": "sam3" if config.backend == "sam3" else "gdino-sam2",
+                } | config.detection.as_dict()
     return ui.launch_ui(partial(_load_for_ui, config), defaults, config.output_dir() / "ui")

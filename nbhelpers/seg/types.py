@@ -24,6 +24,8 @@ TIMING_STAGES = {
     "detect": "GroundingDINO forward pass and box post-processing",
     "segment": "SAM image encoder, then its mask decoder on the boxes and upsampling to the image size",
     "fallback": "CLIPSeg (its preprocessing included) and SAM refinement of its regions; 0 when not needed",
+    # SAM 3 backend: "preprocess" = its processor, "segment" = the vision encoder (once per image), "detect" = the
+    # text encoder, DETR decoder and mask head for every phrase plus post-processing and NMS; "fallback" = 0.
     "total": "sum of the stages above",
 }
 
@@ -41,9 +43,12 @@ class DetectionSettings:
     nms_iou: float = 0.5  # boxes of one label overlapping more than this are merged (the highest score stays)
     max_detections: int | None = None  # keep only the highest-scoring boxes after NMS; None = all
     multimask: bool = False  # SAM predicts three masks per box and keeps the best by predicted IoU (images only)
+    sam3_threshold: float = 0.5  # SAM 3 instance score minimum (query score x presence score; video: detection score)
+    sam3_mask_threshold: float = 0.5  # SAM 3 mask probability above which a pixel belongs to the instance
 
     def __post_init__(self) -> None:
-        for name in ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou"):
+        for name in ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "sam3_threshold",
+                     "sam3_mask_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} must be in [0, 1].")
@@ -74,8 +79,8 @@ class Segmentation:
     scores: np.ndarray  # (N,) float32 detection scores (CLIPSeg fallback: mean probability inside the region)
     labels: list[str]  # (N,) phrases matched to each box
     masks: np.ndarray  # (N, H, W) bool
-    mask_scores: np.ndarray  # (N,) float32 SAM predicted IoU (fallback without SAM refinement: NaN)
-    source: str  # "grounding-dino" | "clipseg-fallback" | "sam2-video" | "none": the stage that found the objects
+    mask_scores: np.ndarray  # (N,) float32 SAM predicted IoU (NaN: fallback without SAM refinement, and SAM 3)
+    source: str  # "grounding-dino" | "clipseg-fallback" | "sam3" | "sam2-video" | "none": the stage that found them
     image_size: tuple[int, int]  # (H, W) of the original image
     prompt: str  # normalised prompt, e.g. "cat. dog."
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, keys: TIMING_STAGES

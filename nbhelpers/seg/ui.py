@@ -29,7 +29,7 @@ import numpy as np
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import segment_image
 from nbhelpers.seg.inputs import load_image
-from nbhelpers.seg.models import load_models, release
+from nbhelpers.seg.models import DEFAULT_SAM3, load_models, load_sam3_models, release
 from nbhelpers.seg.render import fit_for_display, overlay, show_overlay, summary_line
 from nbhelpers.seg.types import DetectionSettings, Segmentation
 from nbhelpers.seg.ui_inputs import (check_image_path, decode_upload, describe_file, describe_upload, upload_entries,
@@ -42,14 +42,17 @@ SAM_CHECKPOINTS = {
     "base-plus": "facebook/sam2.1-hiera-base-plus",
     "large": "facebook/sam2.1-hiera-large",
 }
+BACKENDS = {"gdino-sam2": "GroundingDINO → SAM 2.1", "sam3": "SAM 3"}  # dropdown value -> its label
+SAM3_CHECKPOINT = DEFAULT_SAM3  # what the loader is asked for when the SAM 3 backend is chosen
 SETTING_NAMES = tuple(setting.name for setting in fields(DetectionSettings))
 # Sliders for the three thresholds; the other DetectionSettings (nms_iou, max_detections, multimask) have no widget
 # and are passed through from the configuration to segment_image.
-DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", **DetectionSettings().as_dict()}
+DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", "backend": "gdino-sam2",
+                            **DetectionSettings().as_dict()}
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
 DISPLAY_MAX_SIDE = 1600  # pixels: the on-screen figure is drawn at most this large; saved files keep full size
 REPEAT_CLICK_S = 0.5  # a second press sent by the browser sooner than this after the first is a double-click
-ModelsLoader = Callable[[str], Any]  # SAM checkpoint id -> nbhelpers.seg.models.SegmentationModels
+ModelsLoader = Callable[[str], Any]  # SAM 2.1 checkpoint id -> SegmentationModels; SAM3_CHECKPOINT -> Sam3Models
 
 # ----------------------------------------------------------------------------- environment
 
@@ -74,7 +77,8 @@ def noninteractive_reason() -> str | None:
 
 
 def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader,
-             settings: DetectionSettings = DetectionSettings()) -> tuple[Segmentation, np.ndarray]:
+             settings: DetectionSettings = DetectionSettings(), backend: str = "gdino-sam2"
+             ) -> tuple[Segmentation, np.ndarray]:
     """One "Segment" click without a browser: load the image and models, segment, draw.
 
     Args:
@@ -83,29 +87,33 @@ def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader
         sam_size: one of SAM_CHECKPOINTS ("tiny", "small", "base-plus", "large").
         models_loader: SAM checkpoint id -> SegmentationModels.
         settings: passed to `segment_image`.
+        backend: one of BACKENDS; "sam3" asks the loader for SAM3_CHECKPOINT (sam_size is then unused).
     Returns:
         (Segmentation, overlay as (H, W, 3) uint8 RGB).
     """
-    image_rgb, seg, _models = _segment(image, prompt, settings, sam_size, models_loader)
+    image_rgb, seg, _models = _segment(image, prompt, settings, sam_size, models_loader, backend)
     return seg, overlay(image_rgb, seg)
 
 
 def _segment(image: Any, prompt: str, settings: DetectionSettings, sam_size: str,
-             models_loader: ModelsLoader) -> tuple[np.ndarray, Segmentation, Any]:
+             models_loader: ModelsLoader, backend: str = "gdino-sam2") -> tuple[np.ndarray, Segmentation, Any]:
     """Check the input, load the image and models, segment: (RGB image, Segmentation, models used)."""
     if not prompt or not prompt.strip():  # bad input is rejected before anything heavy starts
         raise ValueError("The prompt is empty: type what to segment, e.g. 'cat. dog.'.")
     if sam_size not in SAM_CHECKPOINTS:
         raise ValueError(f"SAM size {sam_size!r} is not one of {list(SAM_CHECKPOINTS)}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}.")
     image_rgb = load_image(image)
-    models = models_loader(SAM_CHECKPOINTS[sam_size])
+    models = models_loader(SAM3_CHECKPOINT if backend == "sam3" else SAM_CHECKPOINTS[sam_size])
     seg = segment_image(image_rgb, prompt.strip(), models, settings=settings)
     return image_rgb, seg, models
 
 
 def default_models_loader(sam_checkpoint: str) -> Any:
-    """Load GroundingDINO + the chosen SAM 2.1 + CLIPSeg with nbhelpers.seg.models defaults."""
-    return load_models(sam=sam_checkpoint)
+    """Load GroundingDINO + the chosen SAM 2.1 + CLIPSeg with nbhelpers.seg.models defaults (SAM 3 for
+    SAM3_CHECKPOINT)."""
+    return load_sam3_models(sam_checkpoint) if sam_checkpoint == SAM3_CHECKPOINT else load_models(sam=sam_checkpoint)
 
 
 class _KeepLastLoaded:
@@ -124,6 +132,7 @@ class _KeepLastLoaded:
             if self.cache:
                 self.cache.clear()
                 release("sam2")
+                release("sam3")
             self.cache[sam_checkpoint] = self.loader(sam_checkpoint)
         return self.cache[sam_checkpoint]
 
@@ -152,6 +161,7 @@ class SegmentationUI:
     settings: DetectionSettings = DetectionSettings()  # the settings without a widget come from here
     runs: int = 0  # runs started, double-clicks not counted
     last_sent: float | None = None  # browser time of the last press that started a run (seconds since the epoch)
+    backend: Any = None  # Dropdown of BACKENDS (None: GroundingDINO -> SAM 2.1)
     _saver: ThreadPoolExecutor | None = field(default=None, repr=False)
     _saving: Future | None = field(default=None, repr=False)
 
@@ -175,10 +185,12 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     if unknown:
         raise ValueError(f"defaults has unknown keys {sorted(unknown)}; allowed: {list(DEFAULTS)}.")
     values = {**DEFAULTS, **(defaults or {})}
+    if values["backend"] not in BACKENDS:
+        raise ValueError(f"defaults['backend']={values['backend']!r} is not one of {list(BACKENDS)}.")
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
     settings = DetectionSettings(**{name: values[name] for name in SETTING_NAMES})  # checks every value
-    ui = SegmentationUI(**make_controls(values, list(SAM_CHECKPOINTS)), container=None, settings=settings)
+    ui = SegmentationUI(**make_controls(values, list(SAM_CHECKPOINTS), BACKENDS), container=None, settings=settings)
     ui.container = arrange(ui)
     _wire(ui, _KeepLastLoaded(models_loader or default_models_loader), out_dir)
     return ui
@@ -319,18 +331,24 @@ def _loading_in_output(ui: SegmentationUI, loader: ModelsLoader) -> ModelsLoader
     return load
 
 
+def chosen_backend(ui: SegmentationUI) -> str:
+    """The backend dropdown's value (GroundingDINO -> SAM 2.1 when the UI has no dropdown)."""
+    return ui.backend.value if ui.backend is not None else "gdino-sam2"
+
+
 def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
     """What "Segment" does: run the pipeline, show the figure and a summary (or the error as one message), then
     save the files at full resolution in the background."""
     ui.button.disabled = True
-    first = not (isinstance(models_loader, _KeepLastLoaded) and models_loader.has(SAM_CHECKPOINTS.get(ui.sam_size.value, "")))
+    checkpoint = SAM3_CHECKPOINT if chosen_backend(ui) == "sam3" else SAM_CHECKPOINTS.get(ui.sam_size.value, "")
+    first = not (isinstance(models_loader, _KeepLastLoaded) and models_loader.has(checkpoint))
     _show(ui.output, text="Loading the models and segmenting... (first run with this SAM size; download progress "
           "shows here)" if first else "Segmenting...")
     try:
         image_rgb, name = _read_image_input(ui)
         settings = ui.current_settings()
         _, seg, models = _segment(image_rgb, ui.prompt.value, settings, ui.sam_size.value,
-                                  _loading_in_output(ui, models_loader))
+                                  _loading_in_output(ui, models_loader), chosen_backend(ui))
         shown_rgb, shown_seg = fit_for_display(image_rgb, seg, DISPLAY_MAX_SIDE)
         png = _figure_png(show_overlay(overlay(shown_rgb, shown_seg), shown_seg, title=f"{name} | prompt: {seg.prompt!r}"))
         summary = f"{name}: {summary_line(seg)}"

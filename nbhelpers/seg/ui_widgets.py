@@ -34,8 +34,12 @@ def _label(text: str, control: Any) -> widgets.Label:
     return widgets.Label(text, tooltip=control.tooltip, layout=widgets.Layout(width="auto", margin="0 4px 0 8px"))
 
 
-def make_controls(values: dict[str, Any], sam_sizes: list[str]) -> dict[str, Any]:
-    """The UI's widgets by field name of SegmentationUI, set to `values` (keys of ui.DEFAULTS)."""
+def make_controls(values: dict[str, Any], sam_sizes: list[str], backends: dict[str, str]) -> dict[str, Any]:
+    """The UI's widgets by field name of SegmentationUI, set to `values` (keys of ui.DEFAULTS).
+
+    Args:
+        backends: dropdown value -> label, e.g. {"gdino-sam2": "GroundingDINO → SAM 2.1", "sam3": "SAM 3"}.
+    """
     upload = widgets.FileUpload(accept="image/*", multiple=False, description="Upload image", layout=widgets.Layout(
         width="auto", min_width="150px"), tooltip=f"Choose an image on this computer (up to "
         f"{megabytes(UPLOAD_LIMIT_BYTES)}); it replaces the path below")
@@ -62,6 +66,9 @@ def make_controls(values: dict[str, Any], sam_sizes: list[str]) -> dict[str, Any
         sam_size=widgets.Dropdown(options=sam_sizes, value=values["sam_size"], layout=widgets.Layout(
             width="auto", min_width="110px"), tooltip="Mask model size: larger gives sharper edges but is slower and "
             "downloads more the first time"),
+        backend=widgets.Dropdown(options=[(label, key) for key, label in backends.items()], value=values["backend"],
+                                 layout=widgets.Layout(width="auto", min_width="150px"), tooltip="Which models segment: "
+                                 "GroundingDINO boxes refined by SAM 2.1, or SAM 3 alone (text to masks in one model)"),
         button=widgets.Button(description="Segment", button_style="primary", icon="search",
                               tooltip="Find the prompt's objects in the image (Enter in the prompt does the same)"),
         output=_result_output(),
@@ -81,7 +88,7 @@ def arrange(ui: Any) -> widgets.VBox:
         _row([ui.upload, ui.clear_upload, _label("or image path", ui.path), ui.path]),
         ui.source, ui.upload_note, _row([_label("Prompt", ui.prompt), ui.prompt]),
         _row([ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
-        _row([_label("SAM 2.1 size", ui.sam_size), ui.sam_size, ui.button]),  # a backend dropdown would join here
+        _row([_label("Models", ui.backend), ui.backend, _label("SAM 2.1 size", ui.sam_size), ui.sam_size, ui.button]),
         ui.output, ui.progress,
     ], layout=widgets.Layout(width="100%"))
     container.add_class(UI_CLASS)

@@ -27,8 +27,8 @@ from nbhelpers.seg.export import encode_masks
 from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_video
 from nbhelpers.seg.render import overlay
-from nbhelpers.seg.types import (DetectionSettings, FrameDetections, FrameMasks, Segmentation, VideoSegmentation,
-                                 VideoSettings)
+from nbhelpers.seg.types import (DetectionSettings, FrameDetections, FrameMasks, Segmentation, Track,
+                                 VideoSegmentation, VideoSettings)
 from nbhelpers.seg.video.export import OVERLAY_FILE, TRACKS_FILE, IdMapWriter, write_tracks
 from nbhelpers.seg.video.identity import Identities
 from nbhelpers.seg.video.io import REENCODE_HINT, VideoInfo, VideoWriter, iter_frames, probe_video
@@ -51,7 +51,7 @@ class _VideoRun:
     def __init__(self, info: VideoInfo, detect: Detector, tracker: StreamingTracker, settings: VideoSettings,
                  output_fps: float, save_masks: bool):
         self.info, self.detect, self.tracker, self.settings = info, detect, tracker, settings
-        self.identities = Identities(settings, output_fps, (info.height, info.width), _encode_mask if save_masks else None)
+        self.identities = Identities(settings, output_fps, (info.height, info.width), encode_track_mask if save_masks else None)
         self.tracks = self.identities.tracks
         self.seed_frame: int | None = None
         self.clipseg_ignored = 0  # CLIPSeg detections left out at re-detection frames
@@ -86,22 +86,35 @@ class _VideoRun:
             self.tracker.remove_objects(leaving)
         return result
 
+    @property
+    def objects_now(self) -> int:
+        """Objects in the session now (the progress bar shows it)."""
+        return len(self.identities.active)
+
     def drawing(self, frame: int, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
-        """What to draw on this frame (a snapshot: the tracks change while a helper thread draws)."""
-        # `step` recorded this frame already: a track seen on it has it as its last frame.
-        visible = [i for i, object_id in enumerate(result.object_ids) if self.tracks[object_id].last_frame == frame]
-        if not visible:
-            return None
-        ids = [result.object_ids[i] for i in visible]
-        tracks = [self.tracks[object_id] for object_id in ids]
-        boxes = np.asarray([track.frames[-1]["box_xyxy"] for track in tracks], np.float32)
-        scores = np.asarray([track.score for track in tracks], np.float32)
-        seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in tracks], result.masks[visible],
-                           np.full(len(ids), np.nan, np.float32), "sam2-video", (self.info.height, self.info.width), "")
-        return seg, [object_id - 1 for object_id in ids]
+        return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam2-video")
 
 
-def _encode_mask(mask: np.ndarray) -> dict:
+def tracks_drawing(tracks: dict[int, Track], frame: int, result: FrameMasks, size: tuple[int, int], source: str
+                   ) -> tuple[Segmentation, list[int]] | None:
+    """What to draw on this frame: (Segmentation labelled "#id label", colour indices), None when nothing is visible.
+
+    A snapshot: the tracks change while the writer thread draws. Every track seen on `frame` was recorded already
+    (a track seen on it has it as its last frame).
+    """
+    visible = [i for i, object_id in enumerate(result.object_ids) if tracks[object_id].last_frame == frame]
+    if not visible:
+        return None
+    ids = [result.object_ids[i] for i in visible]
+    shown = [tracks[object_id] for object_id in ids]
+    boxes = np.asarray([track.frames[-1]["box_xyxy"] for track in shown], np.float32)
+    scores = np.asarray([track.score for track in shown], np.float32)
+    seg = Segmentation(boxes, scores, [f"#{t.object_id} {t.label}" for t in shown], result.masks[visible],
+                       np.full(len(ids), np.nan, np.float32), source, size, "")
+    return seg, [object_id - 1 for object_id in ids]
+
+
+def encode_track_mask(mask: np.ndarray) -> dict:
     return encode_masks(mask[None])[0]
 
 
@@ -113,7 +126,7 @@ def _write_frame(writer: VideoWriter, id_maps: IdMapWriter | None, frame: int, f
         id_maps.write(frame, result.object_ids, result.masks, frame_rgb.shape[:2])
 
 
-def _expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
+def expected_frames(info: VideoInfo, stride: int, max_frames: int | None) -> int | None:
     if not info.frame_count:
         return max_frames
     count = -(-info.frame_count // stride)
@@ -138,20 +151,32 @@ def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir
     fps = output_fps(info, settings.frame_stride, settings.max_frames)
     run = _VideoRun(info, detect, StreamingTracker(sam_video, info.height, info.width, *offload), settings, fps,
                     save_masks)
+    return run_frames(run, info, sam_video.device, out_dir, settings, alpha, save_id_maps, progress)
+
+
+def run_frames(run, info: VideoInfo, device: torch.device, out_dir: Path, settings: VideoSettings, alpha: float,
+               save_id_maps: bool, progress: bool):
+    """Stream the frames through `run` (its step(frame, rgb) -> FrameMasks, drawing(frame, masks), objects_now)
+    and write the overlay (and id maps); every output appears only if the pass completes.
+
+    Returns:
+        (run, frames processed, seconds, peak CUDA memory or None, {"overlay"[, "id_maps"]: path}, overlay codec).
+    """
+    fps = output_fps(info, settings.frame_stride, settings.max_frames)
     id_maps = IdMapWriter(out_dir) if save_id_maps else None
     writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, fps)
-    cuda = sam_video.device.type == "cuda"
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(sam_video.device)
+        torch.cuda.reset_peak_memory_stats(device)
     frames, start, worker = 0, time.perf_counter(), OrderedWorker()
-    expected = _expected_frames(info, settings.frame_stride, settings.max_frames)
+    expected = expected_frames(info, settings.frame_stride, settings.max_frames)
     try:
         with tqdm(total=expected, desc="video", unit="frame", disable=not progress) as bar:
             for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, settings.frame_stride, settings.max_frames))):
                 result = run.step(frame, frame_rgb)
                 worker.submit(_write_frame, writer, id_maps, frame, frame_rgb, run.drawing(frame, result), result, alpha)
                 frames += 1
-                bar.set_postfix(objects=len(run.identities.active), refresh=False)
+                bar.set_postfix(objects=run.objects_now, refresh=False)
                 bar.update()
             worker.finish()
     except BaseException:
@@ -162,7 +187,7 @@ def _run_pass(info: VideoInfo, detect: Detector, sam_video: LoadedModel, out_dir
         raise
     seconds = time.perf_counter() - start
     files = {"overlay": writer.close()} | ({"id_maps": id_maps.close()} if id_maps is not None else {})
-    peak = torch.cuda.max_memory_allocated(sam_video.device) if cuda else None
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
     return run, frames, seconds, peak, files, writer.codec
 
 
@@ -182,7 +207,7 @@ def _message(run: _VideoRun, frames: int, prompt: str) -> str:
     return message
 
 
-def _warn_if_truncated(info: VideoInfo, frames: int, expected: int | None) -> None:
+def warn_if_truncated(info: VideoInfo, frames: int, expected: int | None) -> None:
     if expected and frames < expected - 1:
         warnings.warn(f"{info.path.name}: the video ended after {frames} of {expected} frames (truncated or corrupt "
                       f"file?); the outputs cover the frames decoded. If it should be longer, copy it again or {REENCODE_HINT}.", stacklevel=3)
@@ -195,7 +220,7 @@ def _text_detector(models: SegmentationModels, phrases: list[str], settings: Det
     return lambda frame_rgb: backend.detect(frame_rgb, fitted, settings)
 
 
-def _free_cuda_memory() -> None:
+def free_cuda_memory() -> None:
     import gc
 
     gc.collect()
@@ -238,13 +263,13 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
                                                                  alpha, save_id_maps, offloaded, progress)
             break
         except torch.cuda.OutOfMemoryError as error:
-            _free_cuda_memory()
+            free_cuda_memory()
             if offloaded == (True, True):
                 raise VideoOutOfMemoryError(
                     "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
                     " fewer objects (MAX_OBJECTS), or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
             warnings.warn("GPU out of memory: retrying once with frames and SAM 2 state offloaded to the CPU.", stacklevel=2)
-    _warn_if_truncated(info, frames, _expected_frames(info, video_settings.frame_stride, video_settings.max_frames))
+    warn_if_truncated(info, frames, expected_frames(info, video_settings.frame_stride, video_settings.max_frames))
     prompt_text = normalize_prompt(phrases)
     result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
                                output_fps(info, video_settings.frame_stride, video_settings.max_frames),

@@ -1,0 +1,240 @@
+"""SAM 3 video: per-frame text detection and tracking in one model, streamed, with bounded state and no duplicates.
+
+Sam3VideoModel detects every phrase on every frame and starts a track for each unmatched detection, so there is
+no `redetect_every` for this backend. Two things are added around transformers' streaming session:
+
+- Bounded memory. The session keeps every streamed frame's pixels and, per object, an output for every frame.
+  The tracker reads back only the conditioning frames (prompted or re-conditioned: all kept, they are few), the
+  last `num_maskmem - 1` frames' mask memory and up to `max_object_pointers_in_encoder` frames' object pointers,
+  so everything older than that window is deleted after each frame (as the SAM 2 tracker does). Frame numbers
+  are passed explicitly so that deleting entries does not renumber frames. A past frame's pixels are replaced by
+  one shared empty tensor rather than deleted: the tracker reads the session's frame count (the length of
+  `processed_frames`) to decide how many object pointers to use, so the count must keep growing.
+- No duplicate tracks. Without the optional `kernels` package transformers skips SAM 3's detection NMS, and
+  several overlapping detections of one object each start a track. A new track whose mask overlaps a track of
+  the same phrase on its first frame by more than `nms_iou` is removed from the session and never reported.
+  The overlap is measured on SAM 3's raw low-resolution masks: its post-processing gives each pixel to one
+  object, so a duplicate's final mask is empty and could not be compared.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nbhelpers.platform import ensure_writable_dir
+from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
+from nbhelpers.seg.models import LoadedModel, Sam3Models
+from nbhelpers.seg.backends import Sam3Backend
+from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation, VideoSettings
+from nbhelpers.seg.video.export import TRACKS_FILE, write_tracks
+from nbhelpers.seg.video.io import VideoInfo, probe_video
+from nbhelpers.seg.video.segment import (VideoOutOfMemoryError, encode_track_mask, expected_frames, free_cuda_memory,
+                                         output_fps, run_frames, tracks_drawing, warn_if_truncated)
+
+
+_DROPPED_FRAME = torch.empty(0)  # stands for a streamed frame whose pixels were freed (one object for all of them)
+
+
+def _mask_iou(mask: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one (H, W) bool mask with each of (K, H, W)."""
+    inter = (others & mask).sum(axis=(1, 2))
+    union = (others | mask).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+class Sam3StreamingTracker:
+    """One Sam3Video streaming session over the video's frames.
+
+    Args:
+        sam3_video: from nbhelpers.seg.models.load_sam3_video. phrases: one text prompt each.
+        height, width: the video's frame size (px).
+        settings: `sam3_threshold` (detection score) and `nms_iou` (duplicate-track overlap).
+        max_objects: most tracks SAM 3 keeps (its `max_num_objects`).
+        offload_frames / offload_state: keep the frames / the tracker's memory on the CPU.
+        prune: delete state older than the memory window (False only to check that pruning changes nothing).
+    """
+
+    def __init__(self, sam3_video: LoadedModel, phrases: list[str], height: int, width: int,
+                 settings: DetectionSettings, max_objects: int = 20, offload_frames: bool = False,
+                 offload_state: bool = False, prune: bool = True):
+        self.loaded, self.size, self.nms_iou, self.pruning = sam3_video, (int(height), int(width)), settings.nms_iou, prune
+        model, device, cpu = sam3_video.model, sam3_video.device, torch.device("cpu")
+        # thresholds of this run; the checkpoint's new-track threshold (new_det_thresh) stays as configured
+        model.score_threshold_detection, model.max_num_objects = settings.sam3_threshold, max_objects
+        self.session = sam3_video.processor.init_video_session(
+            inference_device=device, inference_state_device=cpu if offload_state else device,
+            video_storage_device=cpu if offload_frames else device, dtype=sam3_video.dtype)
+        sam3_video.processor.add_text_prompt(self.session, phrases)
+        tracker = model.config.tracker_config
+        self.memory_window = max(tracker.num_maskmem, tracker.max_object_pointers_in_encoder) + 1
+        self.labels: dict[int, str] = {}  # SAM 3 object id -> phrase, for every track reported
+        self.duplicates: list[int] = []  # SAM 3 object ids removed as duplicates
+        self.frames_held_peak = 0
+
+    @torch.inference_mode()
+    def track(self, frame_index: int, frame_rgb: np.ndarray) -> tuple[FrameMasks, list[tuple[int, str, float]]]:
+        """Detect and track on this frame (indices increase by one per call).
+
+        Returns:
+            (FrameMasks with ids = SAM 3 id + 1, new tracks started here as (id, phrase, detection score)).
+        """
+        assert frame_rgb.shape[:2] == self.size, f"frame {frame_rgb.shape[:2]} != video size {self.size}"
+        processor = self.loaded.processor
+        pixels = processor(images=frame_rgb, return_tensors="pt").pixel_values[0]
+        output = self.loaded.model(inference_session=self.session, frame=pixels, frame_idx=frame_index)
+        found = processor.postprocess_outputs(self.session, output, original_sizes=[list(self.size)])
+        ids = [int(i) for i in found["object_ids"]]
+        masks = found["masks"].cpu().numpy().astype(bool).reshape(len(ids), *self.size)
+        scores = found["scores"].float().cpu().numpy().reshape(len(ids))
+        phrase_of = {int(i): phrase for phrase, members in found["prompt_to_obj_ids"].items() for i in members}
+        raw = {int(key): (value.reshape(value.shape[-2:]) > 0).cpu().numpy() for key, value in output.obj_id_to_mask.items()}
+        keep, new = self._drop_duplicates(ids, raw, scores, phrase_of)
+        if self.pruning:
+            self.prune(frame_index)
+        self.frames_held_peak = max(self.frames_held_peak, self.frames_held())
+        result = FrameMasks([ids[i] + 1 for i in keep], masks[keep], scores[keep])
+        return result, [(ids[i] + 1, phrase_of[ids[i]], float(scores[i])) for i in new]
+
+    def _drop_duplicates(self, ids: list[int], raw: dict[int, np.ndarray], scores: np.ndarray,
+                         phrase_of: dict[int, str]) -> tuple[list[int], list[int]]:
+        """Rows to report and the new tracks among them; new tracks overlapping a kept one of their phrase go.
+
+        Args:
+            raw: SAM 3 id -> its low-resolution (h, w) bool mask before post-processing.
+        """
+        empty = np.zeros(next(iter(raw.values())).shape if raw else (1, 1), bool)
+        masks = np.stack([raw.get(obj, empty) for obj in ids]) if ids else empty[None]
+        keep = [i for i, obj in enumerate(ids) if obj in self.labels]
+        fresh = sorted((i for i, obj in enumerate(ids) if obj not in self.labels and obj not in self.duplicates),
+                       key=lambda i: -scores[i])
+        new = []
+        for i in fresh:
+            same = [j for j in keep if phrase_of.get(ids[j]) == phrase_of[ids[i]]]
+            if same and masks[i].any() and _mask_iou(masks[i], masks[same]).max() > self.nms_iou:
+                self._remove(ids[i])
+                continue
+            keep.append(i)
+            new.append(i)
+            self.labels[ids[i]] = phrase_of[ids[i]]
+        return sorted(keep), new
+
+    def _remove(self, object_id: int) -> None:
+        """Take a duplicate out of the session, so it costs no more tracking and never comes back."""
+        session = self.session
+        session.remove_object(object_id)
+        session.obj_id_to_score[object_id] = -1e4  # what transformers does for the tracks it removes itself
+        session.obj_id_to_last_occluded.pop(object_id, None)
+        session.removed_obj_ids.add(object_id)
+        self.duplicates.append(object_id)
+
+    def prune(self, frame_index: int) -> None:
+        """Delete the frames and per-frame outputs SAM 3 will not read again (see the module docstring)."""
+        session, oldest = self.session, frame_index - self.memory_window
+        for key in [key for key in (session.processed_frames or {}) if key < frame_index]:
+            session.processed_frames[key] = _DROPPED_FRAME
+        per_frame = [outputs["non_cond_frame_outputs"] for outputs in session.output_dict_per_obj.values()]
+        per_frame += list(session.frames_tracked_per_obj.values()) + list(session.mask_inputs_per_obj.values())
+        per_frame += [session.obj_id_to_tracker_score_frame_wise, session.suppressed_obj_ids]
+        for stored in per_frame:
+            for key in [key for key in stored if key < oldest]:
+                del stored[key]
+        for frames in list(session.unmatched_frame_inds.values()) + list(session.overlap_pair_to_frame_inds.values()):
+            frames[:] = [frame for frame in frames if frame >= oldest]
+
+    def frames_held(self) -> int:
+        """How many distinct frames the session still holds pixels or per-frame state for."""
+        session = self.session
+        held = {key for key, pixels in (session.processed_frames or {}).items() if pixels is not _DROPPED_FRAME}
+        held |= set(session.obj_id_to_tracker_score_frame_wise)
+        for outputs in session.output_dict_per_obj.values():
+            held |= set(outputs["non_cond_frame_outputs"]) | set(outputs["cond_frame_outputs"])
+        for tracked in session.frames_tracked_per_obj.values():
+            held |= set(tracked)
+        return len(held)
+
+
+class _Sam3Run:
+    """Tracks of one pass; the interface `run_frames` drives (step, drawing, tracks)."""
+
+    def __init__(self, info: VideoInfo, tracker: Sam3StreamingTracker, save_masks: bool):
+        self.info, self.tracker, self.save_masks = info, tracker, save_masks
+        self.tracks: dict[int, Track] = {}
+        self.seed_frame: int | None = None
+
+    def step(self, frame: int, frame_rgb: np.ndarray) -> FrameMasks:
+        result, new = self.tracker.track(frame, frame_rgb)
+        for object_id, label, score in new:
+            self.tracks[object_id] = Track(object_id, label, score, "sam3", frame)
+            self.seed_frame = frame if self.seed_frame is None else self.seed_frame
+        masks = dict(zip(result.object_ids, result.masks))
+        for object_id, track in self.tracks.items():
+            track.record(frame, masks.get(object_id), encode_track_mask if self.save_masks else None)
+        return result
+
+    @property
+    def objects_now(self) -> int:
+        """Objects in SAM 3's session now (the progress bar shows it)."""
+        return len(self.tracker.session.obj_ids)
+
+    def drawing(self, frame: int, result: FrameMasks):
+        return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam3-video")
+
+
+def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], models: Sam3Models,
+                       out_dir: str | os.PathLike, settings: DetectionSettings = DetectionSettings(),
+                       video_settings: VideoSettings = VideoSettings(), save_id_maps: bool = False,
+                       save_masks: bool = False, offload_frames: bool = False, offload_state: bool = False,
+                       alpha: float = 0.5, progress: bool = True) -> VideoSegmentation:
+    """SAM 3's `segment_video`: the same outputs (video_overlay.mp4, tracks.json, id maps), new objects found by
+    SAM 3's own per-frame detection. Options as in nbhelpers.seg.video.segment_video; of `video_settings` only
+    frame_stride, max_frames and max_objects apply (SAM 3 detects on every frame and keeps its own identities, so
+    redetect_every and the re-identification settings do not). `settings.sam3_threshold` is the detection score
+    minimum and `settings.nms_iou` the duplicate-track overlap.
+    """
+    stride, max_frames, max_objects = video_settings.frame_stride, video_settings.max_frames, video_settings.max_objects
+    phrases = Sam3Backend(models).fit_phrases(prompt_phrases(prompt))
+    info = probe_video(video)
+    out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
+    sam3_video = models.video()
+    attempts = [(offload_frames, offload_state)] + ([(True, True)] if not (offload_frames and offload_state) else [])
+    for offloaded in attempts:
+        try:
+            tracker = Sam3StreamingTracker(sam3_video, phrases, info.height, info.width, settings, max_objects, *offloaded)
+            run, frames, seconds, peak, files, codec = run_frames(
+                _Sam3Run(info, tracker, save_masks), info, sam3_video.device, out, video_settings, alpha, save_id_maps,
+                progress)
+            break
+        except torch.cuda.OutOfMemoryError as error:
+            free_cuda_memory()
+            if offloaded == (True, True):
+                raise VideoOutOfMemoryError(
+                    "GPU out of memory even with frames and SAM 3 state on the CPU. Use fewer objects (MAX_OBJECTS), "
+                    "fewer phrases, or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
+            warnings.warn("GPU out of memory: retrying once with frames and SAM 3 state offloaded to the CPU.", stacklevel=2)
+    prompt_text = normalize_prompt(phrases)
+    message = (f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
+               if run.seed_frame is not None else
+               f"no object matched {prompt_text!r} in any of the {frames} frames: the overlay is the plain video. "
+               f"Lower SAM3_THRESHOLD or rephrase the prompt.")
+    warn_if_truncated(info, frames, expected_frames(info, stride, max_frames))
+    if tracker.duplicates:
+        message += f" {len(tracker.duplicates)} duplicate track(s) removed."
+    result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
+                               output_fps(info, stride, max_frames), list(run.tracks.values()), run.seed_frame, codec, message,
+                               files, seconds, peak, tracker.frames_held_peak, *offloaded)
+    metadata = {"video": result.video, "prompt": result.prompt, "frames": frames, "height": info.height,
+                "width": info.width, "source_fps": info.fps, "output_fps": result.output_fps,
+                "frame_stride": stride, "max_frames": max_frames, "seed_frame": run.seed_frame, "max_objects": max_objects,
+                "backend": "sam3", "detector": "sam3 (every frame)", "thresholds": settings.as_dict(),
+                "models": models.describe() | {"sam3_video_backend": sam3_video.backend}, "codec": codec,
+                "duplicates_removed": len(tracker.duplicates), "seconds": round(seconds, 3),
+                "frames_per_second": round(result.frames_per_second, 2), "peak_gpu_memory_bytes": peak,
+                "frames_held_peak": tracker.frames_held_peak, "offload_frames": offloaded[0],
+                "offload_state": offloaded[1], "message": message}
+    result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, metadata)
+    return result
