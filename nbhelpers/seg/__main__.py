@@ -127,8 +127,7 @@ def _prepare(args: argparse.Namespace):
         unreadable = [] if is_video_file(source) else find_unreadable_images(source)  # and so does a bad image
         if unreadable and len(unreadable) == (len(list_image_files(source)) if source.is_dir() else 1):
             raise ValueError("; ".join(str(error) for _, error in unreadable))
-        for name, error in unreadable:  # some of a folder: reported now, skipped later, the others still written
-            report_unreadable(args, name, error)
+        # Some of a folder: the folder run reports each one as it skips it (and lists it in inputs_summary.json).
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         ensure_writable_dir(args.out, "--out")

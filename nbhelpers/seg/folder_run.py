@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from nbhelpers import distributed
 from nbhelpers.platform import atomic_write, ensure_writable_dir
 from nbhelpers.seg import pipeline
@@ -80,8 +82,10 @@ def write_summary(statuses: list[InputStatus], out_dir: Path, order: list[str]) 
 def report_failure(statuses: list[InputStatus], folder_of: dict[str, Path]) -> Callable[[str, Exception], None]:
     """An `on_unreadable` callback recording the failure (the run goes on with the other inputs)."""
     def record(name: str, error: Exception) -> None:
+        if any(status.input == name and status.status == "failed" for status in statuses):
+            return  # reported once, though both the up-front check and the run may find it
         statuses.append(InputStatus(name, folder_of[name].name, "failed", str(error), distributed.rank()))
-        print(f"error: skipped {name}: {error}", file=sys.stderr, flush=True)
+        tqdm.write(f"error: skipped {name}: {error}", file=sys.stderr)  # above the progress bar, not onto it
 
     return record
 
