@@ -71,6 +71,20 @@ def make_test_video(path: str | os.PathLike, frames: int = 24, height: int = 96,
     return path
 
 
+
+def make_truncated_video(folder: str | os.PathLike, frames: int = 20, height: int = 48, width: int = 64) -> Path:
+    """An MJPG AVI of `frames` synthetic frames cut to half its bytes: its header still says `frames`, fewer decode."""
+    import cv2
+
+    whole = Path(folder) / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (width, height))
+    for index in range(frames):
+        writer.write(make_test_frame(index, height, width))
+    writer.release()
+    cut = Path(folder) / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return cut
+
 # ----------------------------------------------------------------------------- tiny tokenizers
 
 TEST_WORDS = (

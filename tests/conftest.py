@@ -29,3 +29,16 @@ def tiny_sam3_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     from nbhelpers.testing import build_tiny_sam3_models
 
     return build_tiny_sam3_models(tmp_path_factory.mktemp("tiny-sam3-models"))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: torchrun starts each process with OMP_NUM_THREADS=1, so an in-process run
+    compared with it must reduce floats in the same order; and two spinning OpenMP threads on a busy 2-core machine
+    stall each other, which makes timing tests erratic."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

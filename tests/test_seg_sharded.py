@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from nbhelpers.seg import __main__ as cli
@@ -31,15 +30,6 @@ def folder(tmp_path: Path) -> Path:
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     return photos
 
-
-@pytest.fixture
-def one_thread():
-    # torchrun starts each process with OMP_NUM_THREADS=1; the in-process run matches it so that float reductions
-    # run in the same order (with 2 threads a score moved in its 6th decimal).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_args(dirs: dict[str, Path]) -> list[str]:

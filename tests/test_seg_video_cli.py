@@ -10,7 +10,7 @@ import cv2
 
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.video import load_tracks
-from nbhelpers.testing import make_test_frame, make_test_video
+from nbhelpers.testing import make_test_frame, make_test_video, make_truncated_video
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +72,7 @@ def test_animated_gif_is_a_video_and_a_cut_video_warns_on_stderr(tiny_seg_model_
     assert load_tracks(tmp_path / "gif" / "tracks.json")["frames"] == 3
     # Half of an MJPG AVI: the header says 20 frames, a few decode. Those are kept; the notice is a warning
     # on stderr, not part of the summary on stdout.
-    whole = tmp_path / "whole.avi"
-    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
-    for index in range(20):
-        writer.write(make_test_frame(index, 48, 64))
-    writer.release()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cut = make_truncated_video(tmp_path)  # the header says 20 frames, about half decode
     done = _run_cli(tiny_seg_model_dirs, str(cut), "--prompt", "a cat", "--out", str(tmp_path / "cut"),
                     "--box-threshold", "1", "--clipseg-threshold", "1")
     assert done.returncode == 0, done.stderr

@@ -15,7 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -23,7 +22,7 @@ from nbhelpers.seg.models import load_sam2_video
 from nbhelpers.seg.types import FrameDetections, VideoSettings
 from nbhelpers.seg.video import segment_video
 from nbhelpers.seg.video.tracking import StreamingTracker
-from nbhelpers.testing import make_test_frame
+from nbhelpers.testing import make_test_frame, make_truncated_video
 
 _spec = importlib.util.spec_from_file_location("tracking_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "tracking_quality.py")
 tracking_quality = sys.modules["tracking_quality"] = importlib.util.module_from_spec(_spec)  # dataclasses need it
@@ -144,13 +143,7 @@ def test_prompting_a_known_id_again_keeps_two_conditioning_frames(sam_video) -> 
 
 
 def test_truncated_video_keeps_the_decoded_frames_and_warns(tiny_seg_models, sam_video, tmp_path: Path) -> None:
-    whole = tmp_path / "whole.avi"
-    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
-    for index in range(20):
-        writer.write(make_test_frame(index, 48, 64))
-    writer.release()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # the header still says 20 frames
+    cut = make_truncated_video(tmp_path)  # the header says 20 frames, about half decode
 
     def nothing(frame: np.ndarray) -> FrameDetections:
         return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [], "none")
@@ -162,5 +155,5 @@ def test_truncated_video_keeps_the_decoded_frames_and_warns(tiny_seg_models, sam
     assert "ended after" not in result.message and len(caught) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the whole file: no warning
-        segment_video(whole, "square", tiny_seg_models, tmp_path / "out2", sam_video=sam_video, detector=nothing,
+        segment_video(tmp_path / "whole.avi", "square", tiny_seg_models, tmp_path / "out2", sam_video=sam_video, detector=nothing,
                       progress=False, video_settings=VideoSettings(max_frames=20))

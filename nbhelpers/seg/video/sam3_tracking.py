@@ -19,7 +19,6 @@ no `redetect_every` for this backend. Two things are added around transformers' 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -33,8 +32,8 @@ from nbhelpers.seg.backends import Sam3Backend
 from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation, VideoSettings
 from nbhelpers.seg.video.export import TRACKS_FILE, write_tracks
 from nbhelpers.seg.video.io import VideoInfo, probe_video
-from nbhelpers.seg.video.segment import (VideoOutOfMemoryError, encode_track_mask, expected_frames, free_cuda_memory,
-                                         output_fps, run_frames, tracks_drawing, warn_if_truncated)
+from nbhelpers.seg.video.segment import (encode_track_mask, expected_frames, output_fps, run_frames, tracks_drawing,
+                                         warn_if_truncated, with_offload_retry)
 
 
 _DROPPED_FRAME = torch.empty(0)  # stands for a streamed frame whose pixels were freed (one object for all of them)
@@ -201,22 +200,15 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
     info = probe_video(video)
     out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
     sam3_video = models.video()
-    attempts = [(offload_frames, offload_state)] + ([(True, True)] if not (offload_frames and offload_state) else [])
-    for offloaded in attempts:
-        try:
-            tracker = Sam3StreamingTracker(sam3_video, phrases, info.height, info.width, settings, max_objects, *offloaded)
-            run, frames, seconds, peak, files, codec = run_frames(
-                _Sam3Run(info, tracker, save_masks), info, sam3_video.device, out, video_settings, alpha, save_id_maps,
-                progress)
-            break
-        except torch.cuda.OutOfMemoryError as error:
-            free_cuda_memory()
-            if offloaded == (True, True):
-                raise VideoOutOfMemoryError(
-                    "GPU out of memory even with frames and SAM 3 state on the CPU. Use fewer objects (MAX_OBJECTS), "
-                    "fewer phrases, or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
-            warnings.warn("GPU out of memory: retrying once with frames and SAM 3 state offloaded to the CPU.", stacklevel=2)
-    prompt_text = normalize_prompt(phrases)
+
+    def run_pass(offloaded: tuple[bool, bool]):
+        tracker = Sam3StreamingTracker(sam3_video, phrases, info.height, info.width, settings, max_objects, *offloaded)
+        return run_frames(_Sam3Run(info, tracker, save_masks), info, sam3_video.device, out, video_settings, alpha,
+                          save_id_maps, progress)
+
+    (run, frames, seconds, peak, files, codec), offloaded = with_offload_retry(
+        run_pass, (offload_frames, offload_state), "SAM 3", "Use fewer objects (MAX_OBJECTS), fewer phrases")
+    tracker, prompt_text = run.tracker, normalize_prompt(phrases)
     message = (f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
                if run.seed_frame is not None else
                f"no object matched {prompt_text!r} in any of the {frames} frames: the overlay is the plain video. "

@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from nbhelpers.seg.video.identity import Identities
 from nbhelpers.seg.video.io import REENCODE_HINT, VideoInfo, VideoWriter, iter_frames, probe_video
 from nbhelpers.seg.video.overlap import OrderedWorker, prefetch
 from nbhelpers.seg.video.tracking import StreamingTracker
+
+T = TypeVar("T")
 
 Detector = Callable[[np.ndarray], FrameDetections]  # frame RGB (H, W, 3) uint8 -> the objects on it
 
@@ -228,6 +230,32 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def with_offload_retry(run_pass: Callable[[tuple[bool, bool]], T], offload: tuple[bool, bool], model_name: str,
+                       advice: str) -> tuple[T, tuple[bool, bool]]:
+    """`run_pass((offload_frames, offload_state))`; after a GPU out-of-memory error, once more with both on the CPU.
+
+    Args:
+        advice: what the user can change, e.g. "Use fewer objects (MAX_OBJECTS)"; the message adds a smaller video.
+    Returns:
+        (what run_pass returned, the (offload_frames, offload_state) it ran with).
+    Raises:
+        VideoOutOfMemoryError: when even the offloaded pass runs out of GPU memory.
+    """
+    attempts = [offload] + ([(True, True)] if offload != (True, True) else [])
+    for offloaded in attempts:
+        try:
+            return run_pass(offloaded), offloaded
+        except torch.cuda.OutOfMemoryError as error:
+            free_cuda_memory()
+            if offloaded == (True, True):
+                raise VideoOutOfMemoryError(
+                    f"GPU out of memory even with frames and {model_name} state on the CPU. {advice}, "
+                    "or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
+            warnings.warn(f"GPU out of memory: retrying once with frames and {model_name} state offloaded to the CPU.",
+                          stacklevel=3)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models: SegmentationModels,
                   out_dir: str | os.PathLike, sam_video: LoadedModel | None = None,
                   settings: DetectionSettings = DetectionSettings(), video_settings: VideoSettings = VideoSettings(),
@@ -256,19 +284,10 @@ def segment_video(video: str | os.PathLike, prompt: str | Sequence[str], models:
     if sam_video is None:
         sam_video = load_sam2_video(models.sam.model_id, select_runtime(str(models.sam.device), "auto", compile=False))
     detect = detector or _text_detector(models, phrases, settings)
-    attempts = [(offload_frames, offload_state)] + ([(True, True)] if not (offload_frames and offload_state) else [])
-    for offloaded in attempts:
-        try:
-            run, frames, seconds, peak, files, codec = _run_pass(info, detect, sam_video, out, video_settings, save_masks,
-                                                                 alpha, save_id_maps, offloaded, progress)
-            break
-        except torch.cuda.OutOfMemoryError as error:
-            free_cuda_memory()
-            if offloaded == (True, True):
-                raise VideoOutOfMemoryError(
-                    "GPU out of memory even with frames and SAM 2 state on the CPU. Use a smaller SAM (SAM_MODEL='tiny'),"
-                    " fewer objects (MAX_OBJECTS), or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
-            warnings.warn("GPU out of memory: retrying once with frames and SAM 2 state offloaded to the CPU.", stacklevel=2)
+    (run, frames, seconds, peak, files, codec), offloaded = with_offload_retry(
+        lambda offloaded: _run_pass(info, detect, sam_video, out, video_settings, save_masks, alpha, save_id_maps,
+                                    offloaded, progress),
+        (offload_frames, offload_state), "SAM 2", "Use a smaller SAM (SAM_MODEL='tiny'), fewer objects (MAX_OBJECTS)")
     warn_if_truncated(info, frames, expected_frames(info, video_settings.frame_stride, video_settings.max_frames))
     prompt_text = normalize_prompt(phrases)
     result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
