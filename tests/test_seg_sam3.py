@@ -137,6 +137,7 @@ def test_ui_backend_dropdown_runs_sam3(sam3_dirs, tiny_seg_model_dirs, tmp_path:
     widgets.backend.value = "sam3"
     seg = ui.handle_click(widgets, loader, tmp_path / "out")
     assert asked == [ui.SAM3_CHECKPOINT] and seg is not None and seg.backend == "sam3" and len(seg) > 0
+    widgets.wait_saved(60)  # the full-size files are written in the background after the result is shown
     saved = json.loads((tmp_path / "out" / "photo" / "detections.json").read_text())
     assert saved["source"] == "sam3" and saved["models"]["sam3_model"] == str(sam3_dirs["sam3"])
 
