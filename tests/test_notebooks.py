@@ -71,16 +71,19 @@ def test_q1_notebook_runs_the_smoke_preset(tmp_path):
     assert any("final test accuracy" in output.get("text", "") for output in outputs)
 
 
-def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_seg_model_dirs):
+def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_path, tiny_seg_model_dirs, tiny_sam3_model_dirs):
+    """BACKEND="both": the default backend (GroundingDINO -> SAM 2.1) segments the sample image and clip, then the
+    comparison section runs the same image and clip through both backends."""
     from nbhelpers.seg.export import load_detections
-    from nbhelpers.testing import validate_detections
+    from nbhelpers.testing import TINY_SAM3_VIDEO_THRESHOLDS, validate_detections
 
     out_dir = tmp_path / "q2"
     notebook = run(
-        "q2_text_segmentation.ipynb", tmp_path, OUT_DIR=str(out_dir), DEVICE="cpu", TEXT_PROMPT="car. cat.",
+        "q2_text_segmentation.ipynb", tmp_path, OUT_DIR=str(out_dir), DEVICE="cpu", TEXT_PROMPT="car. cat.", BACKEND="both",
         DINO_MODEL=str(tiny_seg_model_dirs["dino"]), SAM_MODEL=str(tiny_seg_model_dirs["sam"]),
-        CLIPSEG_MODEL=str(tiny_seg_model_dirs["clipseg"]), CLIPSEG_THRESHOLD=0.0, MAX_FRAMES=12, MAX_OBJECTS=2,
-        REDETECT_EVERY=5,
+        CLIPSEG_MODEL=str(tiny_seg_model_dirs["clipseg"]), CLIPSEG_THRESHOLD=0.0, MAX_FRAMES=7, MAX_OBJECTS=2,
+        REDETECT_EVERY=5, SAM3_MODEL=str(tiny_sam3_model_dirs["sam3"]), SAM3_VIDEO_MODEL=str(tiny_sam3_model_dirs["sam3_video"]),
+        SAM3_THRESHOLD=TINY_SAM3_VIDEO_THRESHOLDS["score_threshold_detection"],
     )
     detections = load_detections(out_dir / "sample" / "detections.json")
     validate_detections(detections)
@@ -94,9 +97,17 @@ def test_q2_notebook_segments_the_sample_image_with_tiny_models(tmp_path, tiny_s
     assert "interactive UI needs a live Jupyter kernel" in texts
     assert any("image/png" in output.get("data", {}) for output in outputs), "the overlay is shown inline"
     tracks = json.loads((out_dir / "video" / "sample_clip" / "tracks.json").read_text())
-    assert tracks["frames"] == 12 and tracks["width"] == 320 and tracks["prompt"] == "car. cat."
+    assert tracks["frames"] == 7 and tracks["width"] == 320 and tracks["prompt"] == "car. cat."
     assert 1 <= len(tracks["objects"]) <= 2 and tracks["codec"] == "h264"
     assert any("<video" in output.get("data", {}).get("text/html", "") for output in outputs), "the overlay plays inline"
+    # the comparison: the same image and clip through each backend, files apart, one table row per backend
+    for backend, source in (("gdino-sam2", "grounding-dino+sam2"), ("sam3", "sam3")):
+        compared = load_detections(out_dir / "compare" / backend / "image" / "detections.json")
+        assert compared["models"]["backend"] == backend and compared["image"]["width"] == 640
+        clip = json.loads((out_dir / "compare" / backend / "video" / "tracks.json").read_text())
+        assert clip["frames"] == 7 and clip["backend"] == backend
+    tables = [output["data"]["text/html"] for output in outputs if "<th>backend</th>" in output.get("data", {}).get("text/html", "")]
+    assert len(tables) == 1 and tables[0].count("<tr>") == 3 and "SAM 3" in tables[0] and "GroundingDINO" in tables[0]
 
 
 def test_q2_notebook_runs_the_sam3_backend(tmp_path, tiny_sam3_model_dirs):

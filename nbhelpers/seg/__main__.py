@@ -1,7 +1,7 @@
 """Command line: text-prompted segmentation of an image, a folder of images, or a video.
 
     python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR [--backend gdino-sam2|sam3]
-        [--sam3 ID_OR_DIR] [--sam3-threshold F] [--sam3-mask-threshold F] [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
+        [--sam3 ID_OR_DIR] [--sam3-video ID_OR_DIR] [--sam3-threshold F] [--sam3-mask-threshold F] [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
         [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
     python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
         [--max-frames N] [--max-objects N] [--forget-after SECONDS] [--clipseg-redetect] [--id-maps]
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "sam3: SAM 3 segments every instance of each phrase (video: detects on every frame)")
     parser.add_argument("--sam3", default=DEFAULT_SAM3, help="SAM 3 hub id (gated: accept the licence, set HF_TOKEN) "
                         "or local folder")
+    parser.add_argument("--sam3-video", default=None, help="SAM 3 video checkpoint, hub id or local folder "
+                        "(default: the --sam3 checkpoint, which holds both)")
     parser.add_argument("--sam3-threshold", type=fraction, default=defaults.sam3_threshold,
                         help="SAM 3 instance score minimum (default %(default)s)")
     parser.add_argument("--sam3-mask-threshold", type=fraction, default=defaults.sam3_mask_threshold,
@@ -134,7 +136,7 @@ def _prepare(args: argparse.Namespace):
         select_runtime(args.device, verbose=False)  # "cuda" without a GPU fails here
         if args.backend == "sam3":
             print(f"loading SAM 3: {args.sam3}", flush=True)
-            return source, load_sam3_models(args.sam3, device=args.device)
+            return source, load_sam3_models(args.sam3, args.sam3_video, device=args.device)
         for model, kind in ((args.dino, "grounding-dino"), (args.sam, "sam2"), (args.clipseg, "clipseg")):
             resolve_model_source(model, kind)  # a mistyped folder fails before the other models download
         print(f"loading models: {args.dino} | {args.sam} | {args.clipseg}", flush=True)
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         return run_video(args, source, models)
     config = pipeline.SegmentConfig(
         images=str(source), prompt=args.prompt, out_dir=str(args.out), backend=args.backend, dino_model=args.dino,
-        sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, detection=_settings(args), batch_size=args.batch_size, device=args.device,
+        sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, sam3_video_model=args.sam3_video, detection=_settings(args), batch_size=args.batch_size, device=args.device,
     )
     if source.is_dir():
         summary = run_folder(config, models, args.overwrite, video_options(args))

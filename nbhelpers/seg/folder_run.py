@@ -23,8 +23,8 @@ from nbhelpers.platform import atomic_write, ensure_writable_dir
 from nbhelpers.seg import pipeline
 from nbhelpers.seg.export import OUTPUT_FILES
 from nbhelpers.seg.inputs import list_image_files
-from nbhelpers.seg.models import SegmentationModels
-from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file, segment_video
+from nbhelpers.seg.models import Sam3Models, SegmentationModels
+from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file
 
 SUMMARY_FILE = "inputs_summary.json"
 VIDEO_OUTPUTS = ("video_overlay.mp4", "tracks.json")
@@ -90,14 +90,14 @@ def report_failure(statuses: list[InputStatus], folder_of: dict[str, Path]) -> C
     return record
 
 
-def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels, overwrite: bool = False,
+def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels | Sam3Models, overwrite: bool = False,
                video_options: dict | None = None) -> dict:
     """This process's share of the folder's images, then of its videos; returns the summary of every input.
 
     Args:
         config: `images` is the folder; outputs go to OUT/<input stem>/ (a video: video_overlay.mp4, tracks.json).
         overwrite: redo inputs whose outputs are already complete.
-        video_options: keyword arguments for `segment_video` (frame_stride, redetect_every, ...).
+        video_options: keyword arguments for `pipeline.segment_any_video` (frame_stride, redetect_every, ...).
     """
     source, out_dir = config.image_source(), ensure_writable_dir(config.output_dir(), "OUT_DIR")
     images, videos = list_image_files(source), list_video_files(source)
@@ -114,10 +114,11 @@ def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels, overw
     return write_summary(statuses, out_dir, [file.name for file, _ in planned])
 
 
-def segment_one_video(file: Path, folder: Path, config: pipeline.SegmentConfig, models: SegmentationModels, options: dict) -> InputStatus:
-    """One video of the folder into its own output folder; a bad video is recorded as failed, not raised."""
+def segment_one_video(file: Path, folder: Path, config: pipeline.SegmentConfig, models: SegmentationModels | Sam3Models, options: dict) -> InputStatus:
+    """One video of the folder into its own output folder, with the backend the models belong to; a bad video is
+    recorded as failed, not raised."""
     try:
-        result = segment_video(file, config.video_prompt or config.prompt, models, folder, settings=config.detection, **options)
+        result = pipeline.segment_any_video(file, config.video_prompt or config.prompt, models, folder, settings=config.detection, **options)
     except (ValueError, VideoError, VideoOutOfMemoryError) as error:
         print(f"error: skipped {file.name}: {error}", file=sys.stderr, flush=True)
         return InputStatus(file.name, folder.name, "failed", str(error), distributed.rank())

@@ -303,7 +303,7 @@ def _metadata(result: VideoSegmentation, models: SegmentationModels, sam_video: 
               video_settings: VideoSettings, text_detection: bool) -> dict:
     return {"video": result.video, "prompt": result.prompt, "frames": result.frames, "height": result.size[0],
             "width": result.size[1], "source_fps": result.source_fps, "output_fps": result.output_fps,
-            "seed_frame": result.seed_frame, **video_settings.as_dict(), "codec": result.codec,
+            "seed_frame": result.seed_frame, **video_settings.as_dict(), "codec": result.codec, "backend": "gdino-sam2",
             "detector": "grounding-dino + clipseg fallback" if text_detection else "custom",
             "models": models.describe() | {"sam_video_model": sam_video.model_id, "sam_video_backend": sam_video.backend},
             "seconds": round(result.seconds, 3), "frames_per_second": round(result.frames_per_second, 2),
