@@ -206,6 +206,7 @@ def main_sam3(args, root: Path, temp: Path) -> None:
     measure_sam3_video(models, args, base, temp)
 
 
+@torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="seg_speed_") as temp:
@@ -234,5 +235,4 @@ def _runtime(device: str):
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        sys.exit(main())
+    sys.exit(main())

@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny random segmentation models, built once per test session (a few seconds)."""
+"""Shared fixtures: tiny random segmentation models, built once per test session (a few seconds); benchmark scripts
+loaded as modules; torch on one thread."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +47,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """NAME -> benchmarks/NAME.py loaded as a module, once per session: its main(argv) then runs in this process,
+    without a fresh interpreter and torch import (several seconds of CPU) per run."""
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load

@@ -1,24 +1,26 @@
-"""benchmarks/seg_speed.py --smoke: every line is JSON with the measurements the GPU run reports."""
+"""benchmarks/seg_speed.py and ui_speed.py --smoke: every line is JSON with the measurements the GPU run reports.
+The scripts' main() runs in this process (see the benchmark_script fixture), on the session's tiny models."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+
+def json_lines(out: str) -> list[dict]:
+    """Every stdout line is a JSON record, except the [nbhelpers] notes that loading models prints (and, in this
+    process, the terminal codes a finished progress bar leaves)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", line) for line in out.strip().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("[nbhelpers]")]
+    assert lines and all(line.startswith("{") for line in lines), out
+    return [json.loads(line) for line in lines]
 
 
-def test_seg_speed_smoke_reports_every_measurement(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "benchmarks/seg_speed.py", "--smoke", "--profile", "--models", str(tmp_path / "models")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(records) == len(done.stdout.strip().splitlines()) - done.stdout.count("[nbhelpers]"), done.stdout
+def test_seg_speed_smoke_reports_every_measurement(benchmark_script, tiny_seg_model_dirs, capsys, one_thread) -> None:
+    models = tiny_seg_model_dirs["dino"].parent  # the script reuses the session's tiny models
+    assert benchmark_script("seg_speed").main(["--smoke", "--profile", "--models", str(models)]) == 0
+    records = json_lines(capsys.readouterr().out)
     by_kind: dict[str, list[dict]] = {}
     for record in records:
         by_kind.setdefault(record["measurement"], []).append(record)
@@ -38,24 +40,19 @@ def test_seg_speed_smoke_reports_every_measurement(tmp_path: Path) -> None:
         assert [op["ms_per_step"] for op in ops] == sorted((op["ms_per_step"] for op in ops), reverse=True)
 
 
-def test_ui_speed_smoke_reports_a_click(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "benchmarks/ui_speed.py", "--smoke"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (record,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+def test_ui_speed_smoke_reports_a_click(benchmark_script, capsys, one_thread) -> None:
+    benchmark_script("ui_speed").main(["--smoke"])
+    (record,) = json_lines(capsys.readouterr().out)
     assert (record["width"], record["height"]) == (600, 400) and record["saved"]
     assert 0 < record["model_s"] < record["click_s"] <= record["saved_s"]
     assert record["target_s"] == pytest.approx(3 * record["model_s"] + 2, abs=0.01)
 
 
-def test_seg_speed_sam3_smoke_reports_image_and_video(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "benchmarks/seg_speed.py", "--smoke", "--backend", "sam3", "--repeats", "1",
-                           "--video-frames", "2", "--models", str(tmp_path / "models")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+def test_seg_speed_sam3_smoke_reports_image_and_video(benchmark_script, tiny_sam3_model_dirs, capsys, one_thread) -> None:
+    models = tiny_sam3_model_dirs["sam3"].parent
+    assert benchmark_script("seg_speed").main(["--smoke", "--backend", "sam3", "--repeats", "1", "--video-frames", "2",
+                                               "--models", str(models)]) == 0
+    records = json_lines(capsys.readouterr().out)
     assert {record["backend"] for record in records} == {"sam3"} and records[0]["parameters"] > 0
     images = [record for record in records if record["measurement"] == "image_end_to_end"]
     assert [r["batch_size"] for r in images] == [1, 2] and all(r["ms_per_image"] > 0 for r in images)

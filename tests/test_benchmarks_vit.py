@@ -2,11 +2,7 @@
 the FLOP count behind MFU is exact, targets report their shortfall, and both --smoke runs print valid JSON lines."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,39 +11,28 @@ from nbhelpers.vit.config import ModelConfig
 from nbhelpers.vit.model import Attention, VisionTransformer
 from nbhelpers.vit.report import flops_per_image
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def throughput(benchmark_script):
+    return benchmark_script("vit_throughput")
 
 
 @pytest.fixture(scope="module")
-def throughput():
-    return load_script("vit_throughput")
+def tta(benchmark_script):
+    return benchmark_script("time_to_accuracy")
 
 
 @pytest.fixture(scope="module")
-def tta():
-    return load_script("time_to_accuracy")
+def common(benchmark_script):
+    return benchmark_script("_common")
 
 
-@pytest.fixture(scope="module")
-def common():
-    return load_script("_common")
-
-
-def run_smoke(script: str, *args: str) -> list[dict]:
-    completed = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", *args],
-                               capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    lines = completed.stdout.strip().splitlines()
+def run_smoke(script, capsys, *args: str) -> list[dict]:
+    """script.main(["--smoke", *args]) in this process (the one_thread fixture restores torch's threads after the
+    smoke run sets one); every stdout line must be JSON."""
+    assert script.main(["--smoke", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert lines, "no output"
-    return [json.loads(line) for line in lines]  # every stdout line must be JSON
+    return [json.loads(line) for line in lines]
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -127,8 +112,8 @@ def test_emit_prints_one_json_line_and_nulls_non_finite(common, capsys):
 # ----------------------------------------------------------------------------- vit_throughput --smoke
 
 
-def test_vit_throughput_smoke_prints_every_measurement(throughput):
-    records = run_smoke("vit_throughput.py", "--steps", "2", "--fit-epochs", "2")
+def test_vit_throughput_smoke_prints_every_measurement(throughput, capsys, one_thread):
+    records = run_smoke(throughput, capsys, "--steps", "2", "--fit-epochs", "2")
     *measurements, summary = records
     paths = ("naive", "project", "full_loop", "fit")
     assert [(r["model"], r["path"]) for r in measurements] == [(m, p) for m in ("seed", "fast", "best") for p in paths]
@@ -182,8 +167,8 @@ def test_time_to_target_first_epoch_final_evaluation_or_never(tta):
     assert tta.first_epoch_excess([{"epoch_seconds": s} for s in (9.0, 2.0, 3.0, 2.5)]) == 6.5
 
 
-def test_time_to_accuracy_smoke_curve_and_summary_agree(tta):
-    records = run_smoke("time_to_accuracy.py", "--target", "0.3")
+def test_time_to_accuracy_smoke_curve_and_summary_agree(tta, capsys, one_thread):
+    records = run_smoke(tta, capsys, "--target", "0.3")
     kinds = [r["measurement"] for r in records]
     assert kinds == ["data_decode", "warmup", "curve", "curve", "curve", "summary"]
     decode, warmup, *curve, summary = records
@@ -221,8 +206,8 @@ def test_strict_fp32_turns_tf32_off_inside_and_restores_it(common):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_profile_adds_the_project_steps_top_ops() -> None:
-    records = run_smoke("vit_throughput.py", "--models", "fast", "--profile")
+def test_profile_adds_the_project_steps_top_ops(throughput, capsys, one_thread) -> None:
+    records = run_smoke(throughput, capsys, "--models", "fast", "--profile")
     project = next(r for r in records if r.get("path") == "project")
     ops = project["profile"]
     assert ops and any("adam" in op["op"].lower() for op in ops), [op["op"] for op in ops]

@@ -1,4 +1,5 @@
-"""Both notebooks run end to end under papermill with smoke parameters (CPU, offline)."""
+"""Both notebooks run end to end under papermill with smoke parameters (CPU, offline). Q1 runs through the README's
+own command on a fresh copy of the repository (tests/test_readme.py), which checks its outputs."""
 import json
 import re
 import subprocess
@@ -48,29 +49,6 @@ def run(name: str, out: Path, **parameters) -> dict:
     return nbformat.read(executed, as_version=4)
 
 
-def test_q1_notebook_runs_the_smoke_preset(tmp_path):
-    from nbhelpers.vit.checkpoint import load_checkpoint
-
-    out_dir = tmp_path / "q1"
-    notebook = run("q1_vit_cifar10.ipynb", tmp_path, PRESET="smoke", OUT_DIR=str(out_dir), DEVICE="cpu", EPOCHS=4)
-    summary = json.loads((out_dir / "run_summary.json").read_text())
-    assert summary["preset"] == "smoke" and summary["epochs"] == 4 and summary["steps"] == 4 * (2000 // 64)
-    assert summary["final_test_accuracy"]["reported"] > 0.5, summary["final_test_accuracy"]
-    assert summary["final_test_accuracy"]["raw"] == pytest.approx(summary["history"][-1]["test_accuracy"])
-    assert summary["parameters"] > 0 and summary["flops_per_image"] > 0 and summary["images_per_second"] > 0
-    assert summary["wall_seconds"] >= summary["train_seconds"] > 0
-    assert len(summary["per_class_accuracy"]) == 10 and sum(map(sum, summary["confusion_matrix"])) == summary["test_images"]
-    assert "chosen on the test set" in summary["best_epoch_test_accuracy"]["note"]
-    best = load_checkpoint(out_dir / "best.pt")  # no validation split: the final state, complete, the same bytes as last.pt
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "step", "config"} <= set(best) and best["step"] == summary["steps"]
-    assert (out_dir / "best.pt").read_bytes() == (out_dir / "last.pt").read_bytes()
-    for png in ("curves.png", "confusion.png", "misclassified.png", "attention.png"):
-        assert (out_dir / png).stat().st_size > 0
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4, "plots are shown inline"
-    assert any("final test accuracy" in output.get("text", "") for output in outputs)
-
-
 def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_path, tiny_seg_model_dirs, tiny_sam3_model_dirs):
     """BACKEND="both": the default backend (GroundingDINO -> SAM 2.1) segments the sample image and clip, then the
     comparison section runs the same image and clip through both backends."""
@@ -94,7 +72,7 @@ def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_pat
         assert (out_dir / "sample" / name).stat().st_size > 0
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     texts = "".join(output.get("text", "") for output in outputs)
-    assert "interactive UI needs a live Jupyter kernel" in texts
+    assert "interactive UI needs a live Jupyter kernel" in texts and "headless" in texts  # papermill: no stdin
     assert any("image/png" in output.get("data", {}) for output in outputs), "the overlay is shown inline"
     tracks = json.loads((out_dir / "video" / "sample_clip" / "tracks.json").read_text())
     assert tracks["frames"] == 7 and tracks["width"] == 320 and tracks["prompt"] == "car. cat."

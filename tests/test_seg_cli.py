@@ -23,8 +23,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m nbhelpers.seg ARGS` in a fresh interpreter (runpy, exactly as -m does); the last stdout line says
+    whether torch was imported before the exit."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "nbhelpers.seg", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+    code = ("import runpy, sys\ntry:\n    runpy.run_module('nbhelpers.seg', run_name='__main__', alter_sys=True)\n"
+            "finally:\n    print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -41,11 +45,13 @@ def image_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_folder_run_writes_outputs_and_exits_0(tiny_seg_model_dirs, image_folder: Path, tmp_path: Path) -> None:
+def test_folder_run_writes_outputs_and_exits_0(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    done = _run_cli(str(image_folder), "--prompt", "a cat, the dog", "--out", str(out), "--box-threshold", "0.05",
-                    *_model_args(tiny_seg_model_dirs))
-    assert done.returncode == 0, done.stderr
+    code = cli.main([str(image_folder), "--prompt", "a cat, the dog", "--out", str(out), "--box-threshold", "0.05",
+                     *_model_args(tiny_seg_model_dirs)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     for stem, size in (("kitchen", (72, 120)), ("street", (100, 64))):
         assert sorted(path.name for path in (out / stem).iterdir()) == sorted(OUTPUT_FILES.values())
         saved = load_detections(out / stem / "detections.json")
@@ -54,15 +60,17 @@ def test_folder_run_writes_outputs_and_exits_0(tiny_seg_model_dirs, image_folder
         assert saved["prompt"] == "a cat. the dog." and saved["source"] == "grounding-dino"
         assert saved["thresholds"]["box_threshold"] == 0.05
         assert saved["models"]["dino_model"] == str(tiny_seg_model_dirs["dino"].resolve())
-        assert f"{stem}." in done.stdout
+        assert f"{stem}." in printed.out
 
 
 def test_missing_image_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path) -> None:
+    # A real process: exit code 2, one line on stderr, and no seconds spent importing torch before saying so.
     done = _run_cli(str(tmp_path / "missing.jpg"), "--prompt", "a cat", "--out", str(tmp_path / "out"),
                     *_model_args(tiny_seg_model_dirs))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'missing.jpg')!r} does not exist "
                                                 "(give an image file, a folder of images or a video)"]
+    assert done.stdout.strip().splitlines()[-1] == "torch not imported"
 
 
 # The other bad inputs go through main() in this process (the same code as the subprocess, without paying

@@ -13,8 +13,9 @@ from nbhelpers.seg import inference
 from nbhelpers.seg import models as seg_models
 from nbhelpers.seg.inference import (clipseg_probabilities, max_prompt_tokens, phrase_token_map, run_grounding_dino,
                                      sam2_image_embeddings, sam2_masks_for_boxes)
-from nbhelpers.seg.models import (DEFAULT_DINO, ModelLoadError, load_clipseg, load_grounding_dino, load_sam2,
+from nbhelpers.seg.models import (ModelLoadError, load_clipseg, load_grounding_dino, load_sam2,
                                   resolve_model_source)
+from nbhelpers.seg.types import DEFAULT_DINO
 from nbhelpers.testing import build_tiny_segmentation_models, make_test_image
 
 # ----------------------------------------------------------------------------- resolving and loading

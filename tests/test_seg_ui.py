@@ -103,7 +103,7 @@ def test_widget_tree_types_ranges_and_defaults(loader) -> None:
         assert slider.value == pytest.approx(getattr(library_defaults, name))
     assert ui.settings == library_defaults and ui.current_settings() == library_defaults
     assert isinstance(ui.sam_size, widgets.Dropdown) and list(ui.sam_size.options) == ["tiny", "small", "base-plus", "large"]
-    assert ui.sam_size.value == "tiny"  # same default as nbhelpers.seg.models.DEFAULT_SAM
+    assert ui.sam_size.value == "tiny"  # same default as nbhelpers.seg.types.DEFAULT_SAM
     assert all(checkpoint == f"facebook/sam2.1-hiera-{size}" for size, checkpoint in SAM_CHECKPOINTS.items())
     assert isinstance(ui.container, widgets.VBox) and ui.output in ui.container.children
     assert loader.loaded == []  # building the widgets loads nothing
@@ -411,22 +411,3 @@ def test_kernel_rule_uses_allow_stdin(loader, monkeypatch: pytest.MonkeyPatch) -
     ui = launch_ui(loader)
     assert ui is not None and shown[0] is ui.container and loader.loaded == []  # models load on the first click
     assert len(shown) == 2 and "nbhUploadGuard" in shown[1].data  # the browser-side upload size check
-
-
-def test_papermill_run_prints_the_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """End to end: papermill really executes a notebook cell that calls launch_ui."""
-    import nbformat
-    import papermill
-
-    notebook = nbformat.v4.new_notebook()
-    notebook.cells = [nbformat.v4.new_code_cell(
-        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-        "from nbhelpers.seg.ui import launch_ui\nresult = launch_ui()\nprint('returned', result)"
-    )]
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    source, executed = tmp_path / "ui.ipynb", tmp_path / "ui_out.ipynb"
-    nbformat.write(notebook, source)
-    monkeypatch.delenv("NBHELPERS_NONINTERACTIVE", raising=False)  # the rule under test is allow_stdin
-    papermill.execute_notebook(str(source), str(executed), kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
-    text = "".join(output.get("text", "") for output in nbformat.read(executed, as_version=4).cells[0].outputs)
-    assert "needs a live Jupyter kernel" in text and "headless" in text and "returned None" in text

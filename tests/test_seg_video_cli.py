@@ -1,33 +1,40 @@
-"""`python -m nbhelpers.seg VIDEO ...`: outputs and exit codes with the tiny random models (no network)."""
+"""`python -m nbhelpers.seg VIDEO ...`: outputs and exit codes with the tiny random models (no network).
+
+main() runs in this process (the code `python -m` runs, without a fresh interpreter and torch import per case; the
+subprocess path is checked once in test_seg_cli), with the tiny models already cached by the tiny_seg_models fixture.
+"""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
+import pytest
 
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.video import load_tracks
 from nbhelpers.testing import make_test_frame, make_test_video, make_truncated_video
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def _run_cli(dirs: dict[str, Path], *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+@pytest.fixture
+def run_cli(tiny_seg_model_dirs, tiny_seg_models, capsys: pytest.CaptureFixture):
+    """main(ARGS + the tiny models) -> (exit code, stdout, stderr)."""
+    dirs = tiny_seg_model_dirs
     models = ["--dino", str(dirs["dino"]), "--sam", str(dirs["sam"]), "--clipseg", str(dirs["clipseg"]), "--device", "cpu"]
-    return subprocess.run([sys.executable, "-m", "nbhelpers.seg", *args, *models], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = cli.main([*args, *models])
+        printed = capsys.readouterr()
+        return code, printed.out, printed.err
+
+    return run
 
 
-def test_video_run_writes_overlay_and_tracks(tiny_seg_model_dirs, tmp_path: Path) -> None:
+def test_video_run_writes_overlay_and_tracks(run_cli, tmp_path: Path) -> None:
     clip = make_test_video(tmp_path / "clip.mp4", frames=8, height=48, width=64, fps=8.0)
     out = tmp_path / "out"
-    done = _run_cli(tiny_seg_model_dirs, str(clip), "--prompt", "a cat", "--out", str(out), "--box-threshold", "0.05",
-                    "--redetect-every", "3", "--max-objects", "2", "--id-maps")
-    assert done.returncode == 0, done.stderr
+    code, _, errors = run_cli(str(clip), "--prompt", "a cat", "--out", str(out), "--box-threshold", "0.05",
+                              "--redetect-every", "3", "--max-objects", "2", "--id-maps")
+    assert code == 0, errors
     capture = cv2.VideoCapture(str(out / "video_overlay.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 and capture.get(cv2.CAP_PROP_FPS) == 8.0
     tracks = load_tracks(out / "tracks.json")
@@ -39,42 +46,39 @@ def test_video_run_writes_overlay_and_tracks(tiny_seg_model_dirs, tmp_path: Path
     assert len(list((out / "id_maps").glob("*.png"))) == 8
 
 
-def test_corrupt_video_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path) -> None:
+def test_corrupt_video_exits_2_with_one_line(run_cli, tmp_path: Path) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x01 not a video" * 50)
-    done = _run_cli(tiny_seg_model_dirs, str(bad), "--prompt", "a cat", "--out", str(tmp_path / "out"))
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0, done.stderr
-    assert done.stderr.startswith("error: cannot read") and "ffmpeg -i INPUT -c:v libx264" in done.stderr
+    code, _, errors = run_cli(str(bad), "--prompt", "a cat", "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert errors.strip().count("\n") == 0, errors
+    assert errors.startswith("error: cannot read") and "ffmpeg -i INPUT -c:v libx264" in errors
+    assert not (tmp_path / "out").exists(), "nothing written: the video is checked before the models load"
 
 
-def test_bad_video_option_exits_2(tiny_seg_model_dirs, tiny_seg_models, tmp_path: Path, capsys) -> None:
-    # In this process (models already cached by tiny_seg_models): the option reaches segment_video, whose
-    # ValueError must become exit code 2 with one line naming the option.
+def test_bad_video_option_exits_2(run_cli, tmp_path: Path) -> None:
+    # The option reaches segment_video, whose ValueError must become exit code 2 with one line naming the option.
     clip = make_test_video(tmp_path / "clip.mp4", frames=2, height=48, width=64)
-    dirs = tiny_seg_model_dirs
-    code = cli.main([str(clip), "--prompt", "a cat", "--out", str(tmp_path / "out"), "--frame-stride", "0",
-                     "--dino", str(dirs["dino"]), "--sam", str(dirs["sam"]), "--clipseg", str(dirs["clipseg"]),
-                     "--device", "cpu"])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # not load progress
+    code, _, errors = run_cli(str(clip), "--prompt", "a cat", "--out", str(tmp_path / "out"), "--frame-stride", "0")
+    errors = [line for line in errors.splitlines() if line.startswith("error")]  # not load progress
     assert code == 2 and errors == ["error: frame_stride=0: use 1 (every frame) or more."], errors
 
 
-def test_animated_gif_is_a_video_and_a_cut_video_warns_on_stderr(tiny_seg_model_dirs, tmp_path: Path) -> None:
+def test_animated_gif_is_a_video_and_a_cut_video_warns(run_cli, tmp_path: Path) -> None:
     from PIL import Image
 
     pictures = [Image.fromarray(make_test_frame(index, 48, 64)) for index in range(3)]
     gif = tmp_path / "moving.gif"
     pictures[0].save(gif, save_all=True, append_images=pictures[1:], duration=100, loop=0)
-    done = _run_cli(tiny_seg_model_dirs, str(gif), "--prompt", "a cat", "--out", str(tmp_path / "gif"),
-                    "--box-threshold", "0.05")
-    assert done.returncode == 0, done.stderr
+    code, _, errors = run_cli(str(gif), "--prompt", "a cat", "--out", str(tmp_path / "gif"), "--box-threshold", "0.05")
+    assert code == 0, errors
     assert load_tracks(tmp_path / "gif" / "tracks.json")["frames"] == 3
     # Half of an MJPG AVI: the header says 20 frames, a few decode. Those are kept; the notice is a warning
-    # on stderr, not part of the summary on stdout.
+    # (Python prints warnings on stderr), not part of the summary on stdout.
     cut = make_truncated_video(tmp_path)  # the header says 20 frames, about half decode
-    done = _run_cli(tiny_seg_model_dirs, str(cut), "--prompt", "a cat", "--out", str(tmp_path / "cut"),
-                    "--box-threshold", "1", "--clipseg-threshold", "1")
-    assert done.returncode == 0, done.stderr
-    assert "ended after" in done.stderr and "Warning" in done.stderr and "ended after" not in done.stdout
+    with pytest.warns(UserWarning, match="ended after"):
+        code, summary, errors = run_cli(str(cut), "--prompt", "a cat", "--out", str(tmp_path / "cut"),
+                                        "--box-threshold", "1", "--clipseg-threshold", "1")
+    assert code == 0, errors
+    assert "ended after" not in summary and "frames" in summary
     assert 1 <= load_tracks(tmp_path / "cut" / "tracks.json")["frames"] < 20

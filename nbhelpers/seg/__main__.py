@@ -25,7 +25,8 @@ import traceback
 from functools import partial
 from pathlib import Path
 
-from nbhelpers.seg.types import DetectionSettings, VideoSettings
+from nbhelpers.seg.types import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, DetectionSettings,
+                                 VideoSettings)
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -48,8 +49,6 @@ def fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbhelpers.seg.models import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3
-
     defaults = DetectionSettings()
     parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
                      "(CLIPSeg fallback) for an image, every image of a folder, or a video (SAM 2 tracking).")
@@ -109,29 +108,41 @@ class BadInput(Exception):
     """Input the user can fix (exit code 2)."""
 
 
-def _prepare(args: argparse.Namespace):
-    """Check the inputs cheaply first, then load the models; any problem here is the user's to fix."""
+def _check_before_imports(args: argparse.Namespace) -> Path:
+    """The checks that need neither torch nor the models (a mistyped path fails in a fraction of a second, not after
+    seconds of imports); returns the input path."""
+    from nbhelpers.seg.inputs import normalize_prompt
+
+    source = Path(args.images).expanduser()
+    try:
+        if not source.exists():
+            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file, a folder of images or a video)")
+        normalize_prompt(args.prompt)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    except (FileNotFoundError, ValueError) as error:
+        raise BadInput(str(error)) from error
+    return source
+
+
+def _prepare(args: argparse.Namespace, source: Path):
+    """Check the inputs that need the video reader and image decoder, then load the models; any problem here is the
+    user's to fix."""
     from nbhelpers.platform import ensure_writable_dir, select_runtime
-    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, normalize_prompt
+    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files
     from nbhelpers.seg.models import ModelLoadError, load_models, load_sam3_models, resolve_model_source
     from nbhelpers.seg.folder_run import list_video_files
     from nbhelpers.seg.video import is_video_file, probe_video
 
     try:
-        source = Path(args.images).expanduser()
-        if not source.exists():
-            raise FileNotFoundError(f"{str(source)!r} does not exist (give an image file, a folder of images or a video)")
         if source.is_dir() and not list_image_files(source) and not list_video_files(source):
             raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, and for videos)")
         if is_video_file(source):
             probe_video(source)  # a corrupt or undecodable video fails here, before model loading
-        normalize_prompt(args.prompt)  # an empty prompt fails here, before minutes of model loading
         unreadable = [] if is_video_file(source) else find_unreadable_images(source)  # and so does a bad image
         if unreadable and len(unreadable) == (len(list_image_files(source)) if source.is_dir() else 1):
             raise ValueError("; ".join(str(error) for _, error in unreadable))
         # Some of a folder: the folder run reports each one as it skips it (and lists it in inputs_summary.json).
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         ensure_writable_dir(args.out, "--out")
         select_runtime(args.device, verbose=False)  # "cuda" without a GPU fails here
         if args.backend == "sam3":
@@ -189,13 +200,14 @@ def run_video(args: argparse.Namespace, source: Path, models) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Segment and save every image (or the video); returns the exit code."""
+    source = _check_before_imports(args)
     from nbhelpers import distributed
     from nbhelpers.seg import pipeline
     from nbhelpers.seg.folder_run import run_folder
     from nbhelpers.seg.video import is_video_file
 
     args.device = distributed.init_from_env(args.device)  # under torchrun: this process's GPU
-    source, models = _prepare(args)
+    source, models = _prepare(args, source)
     if is_video_file(source):
         return run_video(args, source, models)
     config = pipeline.SegmentConfig(

@@ -31,11 +31,8 @@ from typing import Any
 import torch
 
 from nbhelpers.platform import Runtime, select_runtime
+from nbhelpers.seg.types import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3
 
-DEFAULT_DINO = "IDEA-Research/grounding-dino-tiny"
-DEFAULT_SAM = "facebook/sam2.1-hiera-tiny"
-DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
-DEFAULT_SAM3 = "facebook/sam3"  # one hub repo holds both the image (Sam3Model) and the video (Sam3VideoModel) model
 
 SHORT_NAMES = {
     "grounding-dino": {"tiny": "IDEA-Research/grounding-dino-tiny", "base": "IDEA-Research/grounding-dino-base",

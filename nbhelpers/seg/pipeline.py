@@ -18,10 +18,10 @@ from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, load_image
-from nbhelpers.seg.models import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, Sam3Models, SegmentationModels,
-                                  load_models, load_sam3_models)
+from nbhelpers.seg.models import Sam3Models, SegmentationModels, load_models, load_sam3_models
 from nbhelpers.seg.render import show_overlay
-from nbhelpers.seg.types import DetectionSettings, Segmentation, VideoSegmentation, VideoSettings
+from nbhelpers.seg.types import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, DetectionSettings, Segmentation,
+                                 VideoSegmentation, VideoSettings)
 from nbhelpers.seg.video import segment_video
 from nbhelpers.seg.video.sam3_tracking import segment_video_sam3
 

@@ -1,6 +1,7 @@
 """The records the segmentation code passes around and returns, and its one copy of the detection defaults.
 
 numpy only (no torch, no transformers): rendering, export and the UI import it cheaply.
+    DEFAULT_*          the default checkpoints (hub ids), so that the CLI can show them without importing torch
     DetectionSettings  thresholds and limits of one run (the defaults live here and nowhere else)
     VideoSettings      frame sampling and object identity in videos (its defaults likewise live only here)
     Detections         a detector's raw boxes for one image (phrase indices, before NMS)
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+DEFAULT_DINO = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SAM = "facebook/sam2.1-hiera-tiny"
+DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
+DEFAULT_SAM3 = "facebook/sam3"  # one hub repo holds both the image (Sam3Model) and the video (Sam3VideoModel) model
 
 # Segmentation.timings keys, in seconds. Batched stages are shared equally among the images of a batch.
 TIMING_STAGES = {

@@ -29,9 +29,9 @@ import numpy as np
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import segment_image
 from nbhelpers.seg.inputs import load_image
-from nbhelpers.seg.models import DEFAULT_SAM3, load_models, load_sam3_models, release
+from nbhelpers.seg.models import load_models, load_sam3_models, release
 from nbhelpers.seg.render import fit_for_display, overlay, show_overlay, summary_line
-from nbhelpers.seg.types import DetectionSettings, Segmentation
+from nbhelpers.seg.types import DEFAULT_SAM3, DetectionSettings, Segmentation
 from nbhelpers.seg.ui_inputs import (check_image_path, decode_upload, describe_file, describe_upload, upload_entries,
                                      upload_guard_script, upload_name)
 from nbhelpers.seg.ui_widgets import NOTE_CLASS, UPLOAD_CLASS, arrange, make_controls, upload_hint
