@@ -311,7 +311,7 @@ def test_video_out_of_memory_retries_offloaded_then_explains(sam3, tmp_path: Pat
 
     monkeypatch.setattr(sam3_tracking.Sam3StreamingTracker, "__init__", record_init)
     monkeypatch.setattr(sam3_tracking.Sam3StreamingTracker, "track", out_of_memory)
-    with pytest.warns(UserWarning, match="retrying once"), pytest.raises(VideoOutOfMemoryError, match="MAX_OBJECTS"):
+    with pytest.warns(UserWarning, match="retrying once"), pytest.raises(VideoOutOfMemoryError, match="MAX_OBJECTS.*SAM3_THRESHOLD"):
         segment_video_sam3(clip, "cat", sam3, tmp_path / "out", progress=False)
     assert [str(device) for device in offloads] == ["cpu", "cpu"] and len(offloads) == 2  # tried twice, then explained
     assert not (tmp_path / "out" / "video_overlay.mp4").exists() and not (tmp_path / "out" / "tracks.json").exists()

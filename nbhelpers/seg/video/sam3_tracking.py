@@ -207,7 +207,9 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
                           save_id_maps, progress)
 
     (run, frames, seconds, peak, files, codec), offloaded = with_offload_retry(
-        run_pass, (offload_frames, offload_state), "SAM 3", "Use fewer objects (MAX_OBJECTS), fewer phrases")
+        run_pass, (offload_frames, offload_state), "SAM 3",
+        "Use fewer objects (MAX_OBJECTS), fewer phrases, a higher SAM3_THRESHOLD (fewer detections per frame: "
+        "transformers compares the masks of every pair of them)")
     tracker, prompt_text = run.tracker, normalize_prompt(phrases)
     message = (f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
                if run.seed_frame is not None else
