@@ -3,12 +3,19 @@ loaded as modules; torch on one thread."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# One intra-op thread for torch here and in every process a test starts (papermill kernels, CLIs, torchrun, the
+# browser's kernel): the tiny models gain nothing from a second thread, and on CI's 2 cores two spinning OpenMP threads
+# compete with those processes. Measured on the whole suite: about a quarter less CPU time and a tenth less wall time
+# (benchmarks/RESULTS.md). Set before torch is imported; a value already in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +45,9 @@ def tiny_sam3_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 @pytest.fixture
 def one_thread():
-    """torch on one thread for the test: torchrun starts each process with OMP_NUM_THREADS=1, so an in-process run
-    compared with it must reduce floats in the same order; and two spinning OpenMP threads on a busy 2-core machine
-    stall each other, which makes timing tests erratic."""
+    """torch on one thread for the test, whatever OMP_NUM_THREADS says: torchrun starts each process with one thread,
+    so an in-process run compared with it must reduce floats in the same order; and two spinning OpenMP threads on a
+    busy 2-core machine stall each other, which makes timing tests erratic."""
     import torch
 
     threads = torch.get_num_threads()
