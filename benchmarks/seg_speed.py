@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if smoke else 20)
     args.batch_size = args.batch_size or (2 if smoke else 8)
     sam3 = args.backend == "sam3"
-    args.video_frames = args.video_frames or ([3, 6] if smoke and sam3 else [12, 120] if smoke else [240, 2400])
+    args.video_frames = args.video_frames or ([3, 6] if smoke and sam3 else [6, 24] if smoke else [240, 2400])
     args.image_size = (96, 128) if smoke else (800, 1200)  # (H, W)
     args.video_size = (32, 48) if smoke else (720, 1280)
     return args

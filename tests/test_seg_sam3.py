@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -282,6 +283,13 @@ def test_video_bad_inputs(sam3, tmp_path: Path) -> None:
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(VideoError):
         segment_video_sam3(tmp_path / "bad.mp4", "cat", sam3, tmp_path / "out", progress=False)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty file"):
+        segment_video_sam3(tmp_path / "empty.mp4", "cat", sam3, tmp_path / "out", progress=False)
+    cv2.VideoWriter(str(tmp_path / "no_frames.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48)).release()
+    with pytest.raises(VideoError, match="contains no video frames"):
+        segment_video_sam3(tmp_path / "no_frames.avi", "cat", sam3, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "video_overlay.mp4").exists()
     with pytest.raises(ValueError, match="name at least one object"):
         segment_video_sam3(tmp_path / "bad.mp4", " . ", sam3, tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="max_frames"):
