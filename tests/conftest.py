@@ -67,7 +67,11 @@ def benchmark_script():
             spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-            spec.loader.exec_module(module)
+            saved_path = list(sys.path)
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                sys.path[:] = saved_path  # the scripts put benchmarks/ (and the checkout) first for their own imports
             loaded[name] = module
         return loaded[name]
 

@@ -33,7 +33,7 @@ def test_notebook_is_thin_with_one_parameters_cell_after_the_imports(name):
 
 
 @pytest.mark.parametrize("name", ["q1_vit_cifar10.ipynb", "q2_text_segmentation.ipynb"])
-def test_papermill_help_notebook_lists_every_parameter(name, caplog):
+def test_papermill_help_notebook_lists_every_parameter(name, caplog, monkeypatch):
     # papermill skips a parameter line with "=" in its comment: `-p NAME` then prints "Passed unknown parameter".
     # `papermill --help-notebook NAME` runs through click's test runner (the same command, in this process).
     from click.testing import CliRunner
@@ -41,6 +41,7 @@ def test_papermill_help_notebook_lists_every_parameter(name, caplog):
 
     names = [line.split("=")[0].strip() for line in code_cells(name)[1].source.splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # papermill's CLI sets it; undone after the test
     shown = CliRunner().invoke(papermill_command, ["--help-notebook", str(REPO / name)])
     assert shown.exit_code == 0, shown.output
     assert re.findall(r"^  (\w+): ", shown.output, re.M) == names
@@ -121,12 +122,14 @@ def run(name: str, out: Path, **parameters) -> dict:
     return nbformat.read(executed, as_version=4)
 
 
-def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_path, tiny_seg_model_dirs, tiny_sam3_model_dirs):
+def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_path, tiny_seg_model_dirs, tiny_sam3_model_dirs,
+                                                                         monkeypatch):
     """BACKEND="both": the default backend (GroundingDINO -> SAM 2.1) segments the sample image and clip, then the
     comparison section runs the same image and clip through both backends."""
     from nbhelpers.seg.export import load_detections
     from nbhelpers.testing import TINY_SAM3_VIDEO_THRESHOLDS, validate_detections
 
+    monkeypatch.delenv("NBHELPERS_NONINTERACTIVE", raising=False)  # the UI's note must come from papermill's headless run
     out_dir = tmp_path / "q2"
     notebook = run(
         "q2_text_segmentation.ipynb", tmp_path, OUT_DIR=str(out_dir), DEVICE="cpu", TEXT_PROMPT="car. cat.", BACKEND="both",
@@ -151,9 +154,10 @@ def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_pat
     assert 1 <= len(tracks["objects"]) <= 2 and tracks["codec"] == "h264"
     assert any("<video" in output.get("data", {}).get("text/html", "") for output in outputs), "the overlay plays inline"
     # the comparison: the same image and clip through each backend, files apart, one table row per backend
-    for backend, source in (("gdino-sam2", "grounding-dino+sam2"), ("sam3", "sam3")):
+    for backend, model_key in (("gdino-sam2", "dino_model"), ("sam3", "sam3_model")):
         compared = load_detections(out_dir / "compare" / backend / "image" / "detections.json")
         assert compared["models"]["backend"] == backend and compared["image"]["width"] == 640
+        assert list(compared["models"]).count("sam3_model") == (backend == "sam3") and model_key in compared["models"]
         clip = json.loads((out_dir / "compare" / backend / "video" / "tracks.json").read_text())
         assert clip["frames"] == 7 and clip["backend"] == backend
     tables = [output["data"]["text/html"] for output in outputs if "<th>backend</th>" in output.get("data", {}).get("text/html", "")]

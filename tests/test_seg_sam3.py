@@ -240,10 +240,11 @@ class _GreedyNmsKernel:
     """Stands in for the `kernels` package's cv-utils kernel, which is downloaded from the hub (no network here):
     greedy NMS over transformers' mask-IoU matrix; connected components unavailable, as on an unsupported GPU."""
 
-    calls = 0
+    def __init__(self) -> None:
+        self.calls = 0
 
     def generic_nms(self, ious: torch.Tensor, scores: torch.Tensor, iou_threshold: float, use_iou_matrix: bool = True):
-        type(self).calls += 1
+        self.calls += 1
         kept: list[int] = []
         for index in scores.argsort(descending=True).tolist():
             if all(ious[index, other] <= iou_threshold for other in kept):
@@ -257,10 +258,11 @@ class _GreedyNmsKernel:
 def test_with_kernels_sam3_merges_duplicates_itself_and_one_track_stays(duplicated_video, monkeypatch) -> None:
     from transformers.models.sam3_video import modeling_sam3_video
 
-    monkeypatch.setattr(modeling_sam3_video, "cv_utils_kernel", _GreedyNmsKernel())
+    kernel = _GreedyNmsKernel()
+    monkeypatch.setattr(modeling_sam3_video, "cv_utils_kernel", kernel)
     tracker = Sam3StreamingTracker(duplicated_video, ["cat"], 48, 64, VIDEO)
     found, new = tracker.track(0, make_test_frame(0, 48, 64))
-    assert _GreedyNmsKernel.calls > 0, "SAM 3's own NMS ran"
+    assert kernel.calls > 0, "SAM 3's own NMS ran"
     assert len(found.object_ids) == len(new) == 1 and tracker.duplicates == []  # nothing left for our pass to remove
 
 

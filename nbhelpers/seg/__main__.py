@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "sam3: SAM 3 segments every instance of each phrase (video: detects on every frame)")
     parser.add_argument("--sam3", default=DEFAULT_SAM3, help="SAM 3 hub id (gated: accept the licence, set HF_TOKEN) "
                         "or local folder")
-    parser.add_argument("--sam3-video", default=None, help="SAM 3 video checkpoint, hub id or local folder "
-                        "(default: the --sam3 checkpoint, which holds both)")
+    parser.add_argument("--sam3-video", default=None, help="--backend sam3 only: SAM 3 video checkpoint, hub id or "
+                        "local folder (default: the --sam3 checkpoint, which holds both)")
     parser.add_argument("--sam3-threshold", type=fraction, default=defaults.sam3_threshold,
                         help="SAM 3 instance score minimum (default %(default)s)")
     parser.add_argument("--sam3-mask-threshold", type=fraction, default=defaults.sam3_mask_threshold,
