@@ -112,6 +112,14 @@ def test_emit_prints_one_json_line_and_nulls_non_finite(common, capsys):
 # ----------------------------------------------------------------------------- vit_throughput --smoke
 
 
+def test_speed_fields_keep_seconds_consistent_with_images_per_second(throughput):
+    """A sub-millisecond timing (a smoke step) is recorded precisely enough that images / seconds gives back
+    images_per_second (rounding seconds to 0.1 ms made them differ by up to 8% here)."""
+    for seconds in (0.000649, 0.00578, 0.0123456, 0.321):
+        record = throughput.speed_fields(24, seconds, 1000, "cpu")
+        assert record["images_per_second"] == pytest.approx(24 / record["seconds"], rel=1e-3)  # the suite checks 1%
+
+
 def test_vit_throughput_smoke_prints_every_measurement(throughput, capsys, one_thread):
     records = run_smoke(throughput, capsys, "--steps", "2", "--fit-epochs", "2")
     *measurements, summary = records
