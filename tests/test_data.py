@@ -236,6 +236,44 @@ def test_rows_of_the_wrong_size_name_the_file(tmp_path):
         load_data(config(), tmp_path, tmp_path / "cache")
 
 
+def test_a_batch_with_fewer_labels_than_images_names_the_file_and_the_fix(tmp_path, capsys):
+    from nbhelpers.vit.__main__ import main
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_batches(folder)
+    with open(folder / "data_batch_4", "rb") as handle:
+        content = pickle.load(handle)
+    content[b"labels"] = content[b"labels"][:-1]  # 3 images, 2 labels
+    with open(folder / "data_batch_4", "wb") as handle:
+        pickle.dump(content, handle)
+    before = (folder / "data_batch_4").read_bytes()
+    with pytest.raises(ValueError, match=r"data_batch_4 holds 3 images but 2 labels.*Re-download / re-extract.*replace that file"):
+        load_data(config(), tmp_path, tmp_path / "cache")
+    code = main(["--preset", "smoke", "--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "data_batch_4 holds 3 images but 2 labels" in err, err
+    assert (folder / "data_batch_4").read_bytes() == before and not (tmp_path / "cache").exists()  # nothing changed or cached
+
+
+@pytest.mark.parametrize("missing", [["test_batch"], ["data_batch_2", "test_batch"], ["data_batch_5"]])
+def test_a_batches_folder_missing_files_names_them_instead_of_a_failed_download(tmp_path, monkeypatch, missing):
+    import torchvision.datasets
+
+    downloads = []
+    # stands in for the network (none here); a download must not even be tried
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *args, **kwargs: downloads.append(args) or 1 / 0)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    write_batches(folder)
+    for name in missing:
+        (folder / name).unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        load_data(config(), tmp_path / "data", tmp_path / "cache")
+    message = str(raised.value)
+    assert f"{folder} holds CIFAR-10 batch files but lacks {', '.join(missing)};" in message
+    assert "re-download / re-extract cifar-10-python.tar.gz" in message
+    assert "failed" not in message and not downloads
+
+
 def test_a_data_root_that_does_not_exist_is_not_created(tmp_path):
     typo = tmp_path / "datta"
     with pytest.raises(FileNotFoundError, match="DATA_ROOT=.*datta' does not exist. Check the path"):

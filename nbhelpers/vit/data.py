@@ -22,6 +22,7 @@ from nbhelpers.vit.config import TrainConfig
 CIFAR10_CLASSES: list[str] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SEARCH_DEPTH = 4  # folders below DATA_ROOT searched for a data set (Kaggle nests 2-3 levels deep)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+BATCH_FILES = tuple(f"data_batch_{index}" for index in range(1, 6)) + ("test_batch",)  # a complete cifar-10-batches-py
 _CLASS_ALIASES = {"plane": "airplane", "car": "automobile"}  # the PyTorch tutorial's short names
 _FIXES = (
     "Fix: put a `cifar-10-batches-py` folder or an ImageFolder tree `train/<class>/*`, `test/<class>/*` under "
@@ -40,19 +41,25 @@ def _find_sources(data_root: Path) -> tuple[list[Path], list[Path], list[str]]:
     """Walk DATA_ROOT (at most SEARCH_DEPTH levels) for pickle folders and ImageFolder roots.
 
     Returns:
-        (batch folders, ImageFolder roots, problems): each list shallowest first; problems are half trees.
+        (batch folders, ImageFolder roots, problems): each list shallowest first; problems are half trees and
+        batch folders missing some of BATCH_FILES.
     """
     batches, image_folders, problems = [], [], []
     for folder, subfolders, files in os.walk(data_root, followlinks=True):  # depth limit stops link loops
         depth = len(Path(folder).relative_to(data_root).parts)
         splits = {name.lower(): name for name in subfolders}
-        if "data_batch_1" in files and "test_batch" in files:
+        found = [name for name in BATCH_FILES if name in files]
+        if len(found) == len(BATCH_FILES):
             batches.append((depth, Path(folder)))
             subfolders.clear()
         elif "train" in splits and "test" in splits and _has_subfolders(Path(folder, splits["train"])):
             image_folders.append((depth, Path(folder)))
             subfolders.clear()
         else:
+            if found:  # a half-copied or half-extracted archive: say what is missing, not that a download failed
+                missing = ", ".join(name for name in BATCH_FILES if name not in found)
+                problems.append(f"{folder} holds CIFAR-10 batch files but lacks {missing}; re-download / re-extract "
+                                "cifar-10-python.tar.gz so that it holds data_batch_1..5 and test_batch")
             for present, absent in (("test", "train"), ("train", "test")):
                 if present in splits and absent not in splits and _has_subfolders(Path(folder, splits[present])):
                     problems.append(f"{folder} has an ImageFolder {present}/ split but no {absent}/ split; add it")
@@ -84,18 +91,10 @@ def _unpickle(path: Path) -> dict:
 
 def _read_batches(folder: Path) -> _Arrays:
     """data_batch_1..5 and test_batch: rows of 3072 bytes = R, G, B planes of 32x32, row-major."""
-    def rows(name: str, part: dict) -> np.ndarray:
-        data = np.asarray(part["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"{folder / name}: image rows have shape {data.shape}, CIFAR-10 rows are 3072 bytes (3x32x32). "
-                             "Re-extract cifar-10-python.tar.gz into that folder.")
-        return data.reshape(-1, 3, 32, 32)
-
     def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        parts = [_unpickle(folder / name) for name in names]
-        data = np.concatenate([rows(name, part) for name, part in zip(names, parts)])
-        labels = np.concatenate([np.asarray(part["labels"], dtype=np.int64) for part in parts])
-        assert len(data) == len(labels), f"{folder}: {len(data)} images but {len(labels)} labels"
+        parts = [_batch_arrays(folder / name) for name in names]
+        data = np.concatenate([rows for rows, _ in parts])
+        labels = np.concatenate([labels for _, labels in parts])
         return np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels  # (N, 3, H, W) -> (N, H, W, 3)
 
     train_images, train_labels = read([f"data_batch_{index}" for index in range(1, 6)])
@@ -105,6 +104,21 @@ def _read_batches(folder: Path) -> _Arrays:
         names = _unpickle(folder / "batches.meta")["label_names"]
         classes = [name.decode() if isinstance(name, bytes) else str(name) for name in names]
     return train_images, train_labels, test_images, test_labels, classes
+
+
+def _batch_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file's images (N, 3, 32, 32) uint8 and labels (N,) int64, refused unless there is one label per image."""
+    part = _unpickle(path)
+    redo = "Re-download / re-extract cifar-10-python.tar.gz, or replace that file with an intact copy."
+    if "data" not in part or "labels" not in part:
+        raise ValueError(f"{path} has no {'data' if 'data' not in part else 'labels'} entry, so it is not a CIFAR-10 batch. {redo}")
+    data = np.asarray(part["data"], dtype=np.uint8)
+    labels = np.asarray(part["labels"], dtype=np.int64).reshape(-1)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: image rows have shape {data.shape}, CIFAR-10 rows are 3072 bytes (3x32x32). {redo}")
+    if len(data) != len(labels):
+        raise ValueError(f"{path} holds {len(data)} images but {len(labels)} labels (one per image expected). {redo}")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _class_order(names: list[str]) -> tuple[list[str], list[str]]:
@@ -254,7 +268,7 @@ def _load_cifar10(data_root: Path, cache_dir: Path) -> tuple[_Arrays, str]:
         _write_cache(cache_path, key, arrays, fingerprint)
         return arrays, key
     if problems:
-        raise FileNotFoundError("Incomplete ImageFolder data set: " + "; ".join(problems) + ". " + _FIXES)
+        raise FileNotFoundError("Incomplete data set: " + "; ".join(problems) + ". " + _FIXES)
     cached = _read_cache(cache_path, key=None)  # the original source is gone, but its decoded copy is not
     if cached is not None:
         return cached[0], f"{cached[1]} (cached)"
