@@ -54,6 +54,29 @@ def fit_on_gpus(config: Config, num_gpus: int | None = None, processes: int | No
     return load_result(config, out_dir, since=started)
 
 
+def fit_in_subprocess(config: Config, gpu: int | None, log_path: Path) -> int:
+    """Train `config` to the end in a fresh `python -m nbhelpers.vit` process pinned to one GPU; wait for it.
+
+    For several independent runs at once (one per GPU, e.g. an ablation study): each process sees only its GPU
+    through CUDA_VISIBLE_DEVICES, so the runs cannot meet on one device. DDP (`fit_on_gpus`) is for one big run.
+
+    Args:
+        config: its OUT_DIR receives `launch_config.json`.
+        gpu: the GPU index to pin (None = leave CUDA_VISIBLE_DEVICES as it is).
+        log_path: the process's merged stdout and stderr (the run's own progress, for reading afterwards).
+    Returns:
+        The process's exit code (0 = finished; see `nbhelpers.vit.__main__` for the others).
+    """
+    out_dir = ensure_writable_dir(resolve_paths("q1_vit", config.train.data_root, config.train.out_dir).out_dir, "OUT_DIR")
+    config_file = out_dir / "launch_config.json"
+    text = json.dumps(config.to_dict(), indent=2)
+    atomic_write(config_file, lambda file: file.write(text.encode()))
+    environment = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})
+    command = [sys.executable, "-m", "nbhelpers.vit", "--config-file", str(config_file), "--out", str(out_dir)]
+    with open(log_path, "w") as log:
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode
+
+
 def run_streaming(command: list[str]) -> None:
     """Run `command`, printing its merged output line by line as it comes; raise with the tail when it fails."""
     print("launching:", " ".join(command), flush=True)
