@@ -16,7 +16,8 @@ Measures
 - --backend sam3: the same image measurement through SAM 3 (840 M parameters: vision features once, one decoder
   pass per phrase, per-label NMS), and `segment_video_sam3` frames/s with peak GPU memory (CPU: peak host RSS)
   per length; random weights score every query alike, so the detection threshold is 0, transformers' video NMS is
-  replaced by keeping the 5 best detections when the `kernels` package is missing (see keep_best_detections) and MAX_OBJECTS = 1 keeps one track (the
+  replaced by keeping the 5 best detections whenever its cv-utils kernel did not load (see keep_best_detections;
+  each record says what ran) and MAX_OBJECTS = 1 keeps one track (the
   tracker runs once per object per frame). No CLIPSeg or propagation-only lines for SAM 3.
 """
 from __future__ import annotations
@@ -33,7 +34,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from transformers.utils import is_kernels_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py when run as a script
 from _common import emit, environment, profile_top_ops, synchronize, target_fields  # noqa: E402
@@ -45,7 +45,7 @@ from nbhelpers.seg.render import overlay  # noqa: E402
 from nbhelpers.seg.types import DetectionSettings, FrameDetections, VideoSettings  # noqa: E402
 from nbhelpers.seg.video import segment_video  # noqa: E402
 from nbhelpers.seg.video.io import VideoWriter  # noqa: E402
-from nbhelpers.seg.video.sam3_tracking import segment_video_sam3  # noqa: E402
+from nbhelpers.seg.video.sam3_tracking import sam3_postprocessing, segment_video_sam3  # noqa: E402
 from nbhelpers.seg.video.tracking import StreamingTracker  # noqa: E402
 from nbhelpers.testing import (build_real_config_models, build_real_config_sam3_models, build_tiny_sam3_models,  # noqa: E402
                                build_tiny_segmentation_models, make_test_frame, make_test_image)
@@ -182,17 +182,18 @@ def measure_propagation(sam_video, args, base: dict) -> None:
 
 
 def keep_best_detections(count: int):
-    """Without the `kernels` package, a context replacing transformers' SAM 3 video NMS by "keep the `count` best
-    detections" (with `kernels`, transformers' own NMS runs and this does nothing).
+    """When transformers' cv-utils kernel did not load (no `kernels` package, or the hub kernel could not be
+    fetched), a context replacing its SAM 3 video NMS by "keep the `count` best detections"; when it loaded,
+    transformers' own NMS runs and this does nothing.
 
     With random weights all 200 queries pass threshold 0, and transformers builds their 200 x 200 mask-IoU matrix
     before it looks for the NMS kernel, then skips NMS without it: 26.5 GB at 720p for nothing, more than this
     benchmark's CPU machine has. NMS would leave few of such near-identical masks; keeping the best few stands in
-    for it. The model is unchanged. The records say which ran ("detection_nms").
+    for it. The model is unchanged. The records say which ran ("detection_nms", "sam3_postprocessing").
     """
     from transformers.models.sam3_video import modeling_sam3_video
 
-    if is_kernels_available():
+    if sam3_postprocessing().runs:
         return contextlib.nullcontext()
 
     def keep_best(pred_probs, pred_masks, prob_threshold, iou_threshold):
@@ -215,9 +216,10 @@ def measure_sam3_video(models: Sam3Models, args, base: dict, workdir: Path) -> N
             result = segment_video_sam3(clip, "a cat", models, workdir / f"out{frames}", settings=SETTINGS,
                                         video_settings=VideoSettings(max_objects=1), progress=False)
         rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        nms = "transformers (kernels)" if is_kernels_available() else "5 best kept (no kernels package)"
+        postprocessing = sam3_postprocessing()
+        nms = "transformers (cv-utils kernel)" if postprocessing.runs else "5 best kept (cv-utils kernel not loaded)"
         record = base | {"measurement": "video_end_to_end", "frames": result.frames, "video_hw": [height, width],
-                         "detection_nms": nms,
+                         "detection_nms": nms, "sam3_postprocessing": postprocessing.description,
                          "objects": len(result.tracks), "frames_per_second": round(result.frames_per_second, 3),
                          "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes if cuda else None,
                          "peak_host_rss_bytes": rss_peak, "frames_held_peak": result.frames_held_peak,

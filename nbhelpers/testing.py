@@ -490,3 +490,55 @@ def validate_detections(data: dict[str, Any]) -> None:
             problems += _detection_problems(index, det, size)
     if problems:
         raise ValueError("detections.json schema: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- SAM 3 video post-processing kernel
+
+
+class GreedyNmsKernel:
+    """Stands in for the `kernels` package's cv-utils kernel, which is downloaded from the hub (no network here):
+    greedy NMS over transformers' mask-IoU matrix; connected components unavailable, as on an unsupported GPU."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generic_nms(self, ious, scores, iou_threshold: float, use_iou_matrix: bool = True):
+        import torch
+
+        self.calls += 1
+        kept: list[int] = []
+        for index in scores.argsort(descending=True).tolist():
+            if all(ious[index, other] <= iou_threshold for other in kept):
+                kept.append(index)
+        return torch.tensor(sorted(kept), dtype=torch.long)
+
+    def cc_2d(self, mask, get_counts: bool = True):
+        raise RuntimeError("not in this stand-in")  # transformers then skips hole filling, as it says
+
+
+def set_sam3_kernel_state(monkeypatch, state: str, error: str = "hub unreachable (test)") -> GreedyNmsKernel | None:
+    """Put transformers' SAM 3 video post-processing kernel in one state for a test, whatever is installed.
+
+    Args:
+        monkeypatch: pytest's fixture (undoes everything after the test).
+        state: "missing" (no `kernels` package), "failed" (the hub kernel cannot be fetched: the load raises
+            `error`) or "loaded" (a GreedyNmsKernel stands in for the hub download).
+    Returns:
+        The stand-in kernel for "loaded", else None.
+    """
+    import logging
+
+    from transformers.models.sam3_video import modeling_sam3_video
+
+    if state not in ("missing", "failed", "loaded"):
+        raise ValueError(f"state must be 'missing', 'failed' or 'loaded', got {state!r}")
+
+    def get_kernel(*args, **kwargs):
+        raise RuntimeError(error)
+
+    kernel = GreedyNmsKernel() if state == "loaded" else None
+    monkeypatch.setattr(modeling_sam3_video, "cv_utils_kernel", kernel)  # None: not attempted yet
+    monkeypatch.setattr(modeling_sam3_video, "is_kernels_available", lambda: state != "missing")
+    monkeypatch.setattr(modeling_sam3_video, "get_kernel", get_kernel, raising=False)
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per message: let this attempt warn again
+    return kernel

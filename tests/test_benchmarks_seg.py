@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 
 def json_lines(out: str) -> list[dict]:
@@ -48,7 +49,11 @@ def test_ui_speed_smoke_reports_a_click(benchmark_script, capsys, one_thread) ->
     assert record["target_s"] == pytest.approx(3 * record["model_s"] + 2, abs=0.01)
 
 
-def test_seg_speed_sam3_smoke_reports_image_and_video(benchmark_script, tiny_sam3_model_dirs, capsys, one_thread) -> None:
+def test_seg_speed_sam3_smoke_reports_image_and_video(benchmark_script, tiny_sam3_model_dirs, capsys, one_thread,
+                                                      monkeypatch) -> None:
+    from nbhelpers.testing import set_sam3_kernel_state
+
+    set_sam3_kernel_state(monkeypatch, "failed", error="offline")  # as on a machine without internet access
     models = tiny_sam3_model_dirs["sam3"].parent
     assert benchmark_script("seg_speed").main(["--smoke", "--backend", "sam3", "--repeats", "1", "--video-frames", "2",
                                                "--models", str(models)]) == 0
@@ -58,5 +63,23 @@ def test_seg_speed_sam3_smoke_reports_image_and_video(benchmark_script, tiny_sam
     assert [r["batch_size"] for r in images] == [1, 2] and all(r["ms_per_image"] > 0 for r in images)
     (video,) = [record for record in records if record["measurement"] == "video_end_to_end"]
     assert video["frames"] == 2 and video["frames_per_second"] > 0 and video["objects"] == 1
-    assert video["detection_nms"] == "5 best kept (no kernels package)"  # kernels is not installed here
+    assert video["detection_nms"] == "5 best kept (cv-utils kernel not loaded)"
+    assert video["sam3_postprocessing"] == "skipped: cv-utils kernel could not be loaded (offline)"
     assert video["peak_host_rss_bytes"] > 0 and video["peak_gpu_memory_bytes"] is None
+
+
+@pytest.mark.parametrize("state", ["missing", "failed", "loaded"])
+def test_seg_speed_replaces_sam3_nms_only_when_the_kernel_did_not_load(benchmark_script, state, monkeypatch) -> None:
+    from transformers.models.sam3_video import modeling_sam3_video
+
+    from nbhelpers.testing import set_sam3_kernel_state
+
+    set_sam3_kernel_state(monkeypatch, state)
+    transformers_nms = modeling_sam3_video.nms_masks
+    with benchmark_script("seg_speed").keep_best_detections(2):
+        replaced = modeling_sam3_video.nms_masks is not transformers_nms
+        if replaced:
+            probs = torch.tensor([0.1, 0.9, 0.5, 0.7])
+            keep = modeling_sam3_video.nms_masks(probs, torch.zeros(4, 8, 8), 0.3, 0.5)
+            assert keep.tolist() == [False, True, False, True]  # the 2 best above the threshold
+    assert replaced == (state != "loaded") and modeling_sam3_video.nms_masks is transformers_nms

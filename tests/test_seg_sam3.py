@@ -18,9 +18,9 @@ from nbhelpers.seg.backends import Sam3Backend, as_backend
 from nbhelpers.seg.image import segment_image, segment_images
 from nbhelpers.seg.models import ModelLoadError, load_grounding_dino, load_sam3_models
 from nbhelpers.seg.types import DetectionSettings, VideoSettings
-from nbhelpers.seg.video.sam3_tracking import Sam3StreamingTracker, segment_video_sam3
-from nbhelpers.testing import (TINY_SAM3_VIDEO_THRESHOLDS, build_tiny_mm_grounding_dino,
-                               make_test_frame, make_test_image, make_test_video, validate_detections)
+from nbhelpers.seg.video.sam3_tracking import Sam3StreamingTracker, sam3_postprocessing, segment_video_sam3
+from nbhelpers.testing import (TINY_SAM3_VIDEO_THRESHOLDS, build_tiny_mm_grounding_dino, make_test_frame,
+                               make_test_image, make_test_video, set_sam3_kernel_state, validate_detections)
 
 EVERYTHING = DetectionSettings(sam3_threshold=0.0)  # random weights score about 0.25: keep every instance
 VIDEO = DetectionSettings(sam3_threshold=TINY_SAM3_VIDEO_THRESHOLDS["score_threshold_detection"])
@@ -227,7 +227,8 @@ def duplicated_video(sam3):
     return dataclasses.replace(loaded, model=model)
 
 
-def test_no_duplicate_tracks_without_kernels(duplicated_video) -> None:
+def test_no_duplicate_tracks_without_kernels(duplicated_video, monkeypatch) -> None:
+    set_sam3_kernel_state(monkeypatch, "missing")  # transformers' NMS skipped, whatever is installed
     counts = {}
     for nms_iou in (1.0, 0.5):  # 1.0: nothing counts as overlapping, as without NMS
         tracker = Sam3StreamingTracker(duplicated_video, ["cat"], 48, 64, dataclasses.replace(VIDEO, nms_iou=nms_iou))
@@ -236,43 +237,44 @@ def test_no_duplicate_tracks_without_kernels(duplicated_video) -> None:
     assert counts == {1.0: queries, 0.5: 1}
 
 
-class _GreedyNmsKernel:
-    """Stands in for the `kernels` package's cv-utils kernel, which is downloaded from the hub (no network here):
-    greedy NMS over transformers' mask-IoU matrix; connected components unavailable, as on an unsupported GPU."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def generic_nms(self, ious: torch.Tensor, scores: torch.Tensor, iou_threshold: float, use_iou_matrix: bool = True):
-        self.calls += 1
-        kept: list[int] = []
-        for index in scores.argsort(descending=True).tolist():
-            if all(ious[index, other] <= iou_threshold for other in kept):
-                kept.append(index)
-        return torch.tensor(sorted(kept), dtype=torch.long)
-
-    def cc_2d(self, mask: torch.Tensor, get_counts: bool = True):
-        raise RuntimeError("not in this stand-in")  # transformers then skips hole filling, as it says
-
-
 def test_with_kernels_sam3_merges_duplicates_itself_and_one_track_stays(duplicated_video, monkeypatch) -> None:
-    from transformers.models.sam3_video import modeling_sam3_video
-
-    kernel = _GreedyNmsKernel()
-    monkeypatch.setattr(modeling_sam3_video, "cv_utils_kernel", kernel)
+    kernel = set_sam3_kernel_state(monkeypatch, "loaded")  # stands in for the hub download (no network here)
     tracker = Sam3StreamingTracker(duplicated_video, ["cat"], 48, 64, VIDEO)
     found, new = tracker.track(0, make_test_frame(0, 48, 64))
     assert kernel.calls > 0, "SAM 3's own NMS ran"
     assert len(found.object_ids) == len(new) == 1 and tracker.duplicates == []  # nothing left for our pass to remove
 
 
-def test_video_end_to_end_tracks_json(sam3, tmp_path: Path) -> None:
+@pytest.mark.parametrize("state, runs, description", [
+    ("missing", False, "skipped: kernels package not installed"),
+    ("failed", False, "skipped: cv-utils kernel could not be loaded (no route to the hub)"),
+    ("loaded", True, "NMS, hole filling, sprinkle removal"),
+])
+def test_postprocessing_says_what_runs_quietly(state, runs, description, monkeypatch, capfd) -> None:
+    set_sam3_kernel_state(monkeypatch, state, error="no route to the hub. Check the network")
+    status = sam3_postprocessing()
+    assert (status.runs, status.description) == (runs, description)
+    assert capfd.readouterr().err == ""  # transformers' (and kernels') warnings do not reach stderr
+    note = status.note()
+    assert (note is None) == runs
+    if note is not None:
+        assert note.count("\n") == 0 and "duplicate tracks may appear" in note and "pip install kernels" in note
+
+
+def test_video_end_to_end_tracks_json(sam3, tmp_path: Path, monkeypatch, capfd) -> None:
+    set_sam3_kernel_state(monkeypatch, "failed", error="cannot reach huggingface.co")  # as offline, whatever is installed
     clip = make_test_video(tmp_path / "clip.mp4", frames=4, height=48, width=64, enter_frame=2)
+    capfd.readouterr()
     result = segment_video_sam3(clip, "cat", sam3, tmp_path / "out", settings=VIDEO, save_id_maps=True,
                                 progress=False)
+    printed = capfd.readouterr()
+    assert "Failed to load cv_utils kernel" not in printed.err and "kernels" not in printed.err  # no red block
+    (note,) = [line for line in printed.out.splitlines() if "post-processing" in line]  # one line, on stdout
+    assert "skipped: cv-utils kernel could not be loaded (cannot reach huggingface.co)" in note
     assert result.frames == 4 and result.files["overlay"].is_file() and len(list(result.files["id_maps"].iterdir())) == 4
     data = json.loads(result.files["tracks"].read_text())
     assert data["backend"] == "sam3" and "redetect_every" not in data
+    assert data["sam3_postprocessing"] == "skipped: cv-utils kernel could not be loaded (cannot reach huggingface.co)"
     ids = [entry["id"] for entry in data["objects"]]
     assert ids and len(ids) == len(set(ids)) and all(entry["label"] == "cat" for entry in data["objects"])
     assert any(entry["first_frame"] > 0 for entry in data["objects"]), "a newcomer is found by per-frame detection"

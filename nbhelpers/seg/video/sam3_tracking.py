@@ -15,12 +15,22 @@ no `redetect_every` for this backend. Two things are added around transformers' 
   the same phrase on its first frame by more than `nms_iou` is removed from the session and never reported.
   The overlap is measured on SAM 3's raw low-resolution masks: its post-processing gives each pixel to one
   object, so a duplicate's final mask is empty and could not be compared.
+
+SAM 3's own post-processing (detection NMS, hole filling, sprinkle removal) runs only when transformers loads
+the `kernels-community/cv-utils` kernel from the hub through the `kernels` package; otherwise transformers skips
+it with a warning on stderr. `sam3_postprocessing` makes that load attempt quietly before a run and says what
+runs; the run prints it as one line and records it in tracks.json.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +47,93 @@ from nbhelpers.seg.video.segment import (encode_track_mask, expected_frames, out
 
 
 _DROPPED_FRAME = torch.empty(0)  # stands for a streamed frame whose pixels were freed (one object for all of them)
+
+POSTPROCESSING_STEPS = "NMS, hole filling, sprinkle removal"
+_last_failure: list[str] = []  # why the kernel failed to load, as captured from the attempt (at most one entry)
+_noted: list[str] = []  # the skipped-post-processing note, once printed in this process
+
+
+@dataclass(frozen=True)
+class Sam3PostProcessing:
+    """What transformers' SAM 3 video post-processing does in this process."""
+
+    runs: bool  # the cv-utils kernel loaded: NMS, hole filling and sprinkle removal run
+    description: str  # POSTPROCESSING_STEPS, or "skipped: <why>"
+
+    def note(self) -> str | None:
+        """One line for the user when the post-processing is skipped (None when it runs)."""
+        if self.runs:
+            return None
+        return (f"[nbhelpers] SAM 3 video post-processing {self.description}: duplicate tracks may appear (new tracks "
+                f"overlapping one of the same phrase by more than NMS_IOU are dropped) and masks are not hole-filled. "
+                f"To enable it: install `kernels` (pip install kernels) and run with internet access, so that "
+                f"transformers can fetch kernels-community/cv-utils from the hub.")
+
+
+@contextlib.contextmanager
+def _captured_logs(*names: str) -> Iterator[list[str]]:
+    """Collect the WARNING+ records of these loggers instead of letting them reach stderr (restored after)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, saved = Collect(logging.WARNING), []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.propagate, logger.level))
+        logger.addHandler(handler)
+        logger.propagate, logger.level = False, logging.WARNING  # seen even at transformers' error verbosity
+    try:
+        yield messages
+    finally:
+        for logger, propagate, level in saved:
+            logger.removeHandler(handler)
+            logger.propagate, logger.level = propagate, level
+
+
+def _short_reason(messages: list[str]) -> str:
+    """The first sentence of the load error in transformers' "Failed to load cv_utils kernel (...): ERROR. NMS ..."."""
+    failed = [message for message in messages if "cv_utils kernel" in message] or messages
+    if not failed:
+        return "see transformers' warning"
+    text = re.sub(r"^Failed to load cv_utils kernel \([^)]*\):\s*", "", failed[-1])
+    text = text.split(". NMS post-processing")[0]
+    return re.split(r"\.\s", text, maxsplit=1)[0].rstrip(".")[:200]
+
+
+def sam3_postprocessing() -> Sam3PostProcessing:
+    """Make transformers' one load attempt of SAM 3 video's cv-utils kernel now, quietly, and say what runs.
+
+    transformers records the attempt in `modeling_sam3_video.cv_utils_kernel` (None: not attempted, False: failed,
+    else the kernel); its warnings (and the `kernels` package's) are captured here instead of printed. Offline the
+    attempt fails at once (measured: 0.04 s, the hub's address does not resolve; 0.006 s with HF_HUB_OFFLINE=1).
+    Returns:
+        Sam3PostProcessing: runs (the kernel loaded) and a description for metadata files.
+    """
+    from transformers.models.sam3_video import modeling_sam3_video as sam3_video
+
+    if sam3_video.cv_utils_kernel is None:
+        with _captured_logs(sam3_video.logger.name, "kernels") as messages:
+            sam3_video._load_cv_utils_kernel_once()
+        _last_failure[:] = [] if sam3_video.cv_utils_kernel else [_short_reason(messages)]
+    if sam3_video.cv_utils_kernel:
+        return Sam3PostProcessing(runs=True, description=POSTPROCESSING_STEPS)
+    if not sam3_video.is_kernels_available():
+        return Sam3PostProcessing(runs=False, description="skipped: kernels package not installed")
+    reason = _last_failure[0] if _last_failure else "see transformers' warning"
+    return Sam3PostProcessing(runs=False, description=f"skipped: cv-utils kernel could not be loaded ({reason})")
+
+
+def report_sam3_postprocessing() -> Sam3PostProcessing:
+    """`sam3_postprocessing()`, printing its note (on stdout, once per process) when the post-processing is skipped."""
+    status = sam3_postprocessing()
+    note = status.note()
+    if note is not None and note not in _noted:
+        _noted[:] = [note]
+        print(note, file=sys.stdout, flush=True)
+    return status
 
 
 def _mask_iou(mask: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -200,6 +297,7 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
     info = probe_video(video)
     out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
     sam3_video = models.video()
+    postprocessing = report_sam3_postprocessing()  # before the first frame, where transformers would warn in red
 
     def run_pass(offloaded: tuple[bool, bool]):
         tracker = Sam3StreamingTracker(sam3_video, phrases, info.height, info.width, settings, max_objects, *offloaded)
@@ -226,6 +324,7 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
                 "frame_stride": stride, "max_frames": max_frames, "seed_frame": run.seed_frame, "max_objects": max_objects,
                 "backend": "sam3", "detector": "sam3 (every frame)", "thresholds": settings.as_dict(),
                 "models": models.describe() | {"sam3_video_backend": sam3_video.backend}, "codec": codec,
+                "sam3_postprocessing": postprocessing.description,
                 "duplicates_removed": len(tracker.duplicates), "seconds": round(seconds, 3),
                 "frames_per_second": round(result.frames_per_second, 2), "peak_gpu_memory_bytes": peak,
                 "frames_held_peak": tracker.frames_held_peak, "offload_frames": offloaded[0],
