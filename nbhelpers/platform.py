@@ -82,6 +82,9 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "OUT_DIR") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # no free blocks or inodes: the fix is space, not permissions
+            raise DiskFullError(f"{what}={str(path)!r} has no space left ({error.strerror}). "
+                                f"Free some space there or choose another {what}.") from None
         raise PermissionError(
             f"{what}={str(path)!r} cannot be written ({error.strerror or error}). "
             f"Set {what} to a writable folder, e.g. /kaggle/working/outputs on Kaggle or /content/outputs on Colab."
@@ -178,10 +181,14 @@ class RunLock:
 
     A second run into the same folder gets RunLockedError naming the holder. A lock left by a dead process on
     this host is taken over; one from another host (e.g. another Colab session on a shared Drive) cannot be
-    checked from here, so the message says how to remove it.
+    checked from here, so the message says how to remove it. A lock that holds no record (empty or cut short, as a
+    full disk leaves it) is taken over once it is older than WRITE_SECONDS, the time a live run takes to fill it.
+    A folder without MIN_FREE_BYTES free is refused with DiskFullError before anything is written.
     """
 
     NAME = ".run.lock"
+    MIN_FREE_BYTES = 64 * 1024  # the lock and a run's first small files; checkpoints are checked later, by size
+    WRITE_SECONDS = 5.0  # a new lock is created empty and filled at once: younger than this, it may still be filling
 
     def __init__(self, folder: str | os.PathLike, what: str = "OUT_DIR"):
         self.path = Path(folder) / self.NAME
@@ -189,28 +196,62 @@ class RunLock:
         self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
 
     def __enter__(self) -> "RunLock":
+        free = shutil.disk_usage(self.path.parent).free
+        if free < self.MIN_FREE_BYTES:
+            raise DiskFullError(self._full_message(f"has {free / 1024:,.0f} kB free"))
         for _ in range(3):  # a stale lock is moved away, then creation is retried
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, ordinary_file_mode(self.path))
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
-            with os.fdopen(handle, "w") as file:
-                json.dump(self.owner | {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, file)
+            self._fill(handle)
             return self
         raise RunLockedError(f"Could not take the lock {self.path}; another run keeps recreating it.")
 
-    def holder(self) -> dict:
-        """The lock file's content ({} when unreadable, e.g. a holder still writing it)."""
+    def _fill(self, handle: int) -> None:
+        """Write the owner record into the new lock; if that fails (full disk), remove it so no later run is blocked."""
+        record = json.dumps(self.owner | {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode()
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            try:
+                if os.write(handle, record) != len(record):
+                    raise OSError(errno.ENOSPC, "short write")  # a regular file is written short only when it is full
+            finally:
+                os.close(handle)
+        except OSError as error:
+            self.path.unlink(missing_ok=True)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(self._full_message("has no space left")) from None
+            raise
+
+    def _full_message(self, state: str) -> str:
+        return (f"{self.what}={str(self.path.parent)!r} {state}: a run needs at least {self.MIN_FREE_BYTES // 1024} kB "
+                f"there to start. Free some space there or choose another {self.what}; nothing was written.")
+
+    def holder(self) -> dict:
+        """The lock file's record ({} when it is gone, unreadable, or holds no record: empty or cut short)."""
+        try:
+            return _lock_record(self.path.read_bytes()) or {}
+        except OSError:
             return {}
 
     def _take_over_if_stale(self) -> None:
-        holder = self.holder()
-        same_host = holder.get("host") == self.owner["host"]
-        if not (same_host and isinstance(holder.get("pid"), int) and not process_is_alive(holder["pid"])):
+        try:
+            content, modified = self.path.read_bytes(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile: creation is retried
+        except OSError:  # e.g. another user's lock on a shared drive: its holder is unknown, so it is kept
+            content, modified = None, None
+        holder = _lock_record(content) if content is not None else {}
+        if holder is None:  # empty or cut short: a run that could not fill it, or one filling it right now
+            age = time.time() - modified
+            if age < self.WRITE_SECONDS:
+                time.sleep(self.WRITE_SECONDS - age)
+                return
+            note = "an empty or unreadable lock (left by a run that could not write it, e.g. on a full disk)"
+        elif holder.get("host") == self.owner["host"] and not process_is_alive(holder["pid"]):
+            note = f"the lock of a run that is no longer running (PID {holder['pid']} on this host)"
+        else:
             who = f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, started {holder.get('started', '?')}"
             raise RunLockedError(
                 f"{self.what}={str(self.path.parent)!r} is in use by another run ({who}). Wait for it to finish, "
@@ -221,11 +262,21 @@ class RunLock:
         except FileNotFoundError:
             return
         stale.unlink(missing_ok=True)
-        print(f"Took over the lock of a run that is no longer running (PID {holder['pid']} on this host): {self.path}")
+        print(f"Took over {note}: {self.path}")
 
     def __exit__(self, *exc_info) -> None:
         if self.holder().get("pid") == self.owner["pid"] and self.holder().get("host") == self.owner["host"]:
             self.path.unlink(missing_ok=True)
+
+
+def _lock_record(content: bytes) -> dict | None:
+    """A lock file's {host, pid, started}, or None when the bytes hold no such record (empty, cut short, other data)."""
+    try:
+        record = json.loads(content)
+    except ValueError:  # also UnicodeDecodeError
+        return None
+    valid = isinstance(record, dict) and isinstance(record.get("host"), str) and isinstance(record.get("pid"), int)
+    return record if valid else None
 
 
 # ----------------------------------------------------------------------------- stop requests

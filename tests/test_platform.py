@@ -4,6 +4,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,3 +132,98 @@ def test_stale_temp_files_are_found_by_their_names(tmp_path):
         path.write_bytes(b"x")
     assert sorted(platform.remove_stale_temp_files(tmp_path)) == sorted(stale)
     assert all(path.exists() for path in kept) and not any(path.exists() for path in stale)
+
+
+# ----------------------------------------------------------------------------- full disk and left-behind locks (issue 22)
+
+TINY_RUN = ["--preset", "smoke", "--device", "cpu", "--no-plots", "--epochs", "1", "--batch-size", "32",
+            "--set", "synthetic_train_size=128", "--set", "synthetic_test_size=64", "--set", "log_every=2"]
+
+
+def error_lines(printed: str) -> list[str]:
+    return [line for line in printed.splitlines() if line.startswith("error:")]
+
+
+def lock_on_a_full_disk(monkeypatch) -> None:
+    """The lock file is created (a full disk still has inodes) but its writes go to /dev/full, which fails them with ENOSPC.
+
+    A disk cannot be filled on the test machine; /dev/full gives the real error at the real write.
+    """
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    real_open = os.open
+
+    def open_(path, flags, mode=0o777, *args, **kwargs):
+        if Path(path).name != platform.RunLock.NAME:
+            return real_open(path, flags, mode, *args, **kwargs)
+        os.close(real_open(path, flags, mode))
+        return real_open("/dev/full", os.O_WRONLY)
+
+    monkeypatch.setattr(platform.os, "open", open_)
+
+
+def test_no_space_for_the_lock_is_one_line_and_leaves_no_lock_behind(tmp_path, monkeypatch, capsys):
+    from nbhelpers.vit.__main__ import main
+
+    lock_on_a_full_disk(monkeypatch)
+    with pytest.raises(platform.DiskFullError, match=r"OUT_DIR=.* has no space left: .*Free some space there or choose another OUT_DIR"):
+        platform.RunLock(tmp_path).__enter__()
+    assert not (tmp_path / platform.RunLock.NAME).exists()
+    assert main(TINY_RUN + ["--out", str(tmp_path)]) == 2
+    printed = capsys.readouterr()
+    assert len(error_lines(printed.err)) == 1 and "has no space left" in printed.err and "Traceback" not in printed.err + printed.out
+    assert not (tmp_path / platform.RunLock.NAME).exists()
+    monkeypatch.undo()  # space was freed: the next run starts
+    assert main(TINY_RUN + ["--out", str(tmp_path)]) == 0 and (tmp_path / "run_summary.json").exists()
+
+
+def test_no_free_space_is_refused_before_the_lock_is_written(tmp_path, monkeypatch, capsys):
+    from nbhelpers.vit.__main__ import main
+
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(platform.os, "open", lambda path, *args, **kwargs: opened.append(path) or real_open(path, *args, **kwargs))
+    # A disk cannot be filled here: the free-space query reports 0 bytes instead.
+    monkeypatch.setattr(platform.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    assert main(TINY_RUN + ["--out", str(tmp_path)]) == 2
+    printed = capsys.readouterr()
+    assert error_lines(printed.err) == [f"error: --out {str(tmp_path)!r} has 0 kB free: a run needs at least 64 kB there to start. "
+                                        "Free some space there or choose another --out; nothing was written."], printed.err
+    assert not any(Path(path).name == platform.RunLock.NAME for path in opened) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"", b'{"host": "gpu-box", "pi', b"\x00\x00\x00"])
+def test_an_empty_or_cut_short_lock_left_behind_does_not_block_the_next_run(tmp_path, capsys, content):
+    lock = tmp_path / platform.RunLock.NAME
+    lock.write_bytes(content)
+    os.utime(lock, (os.path.getmtime(lock) - 60,) * 2)  # left by an earlier session, not one filling it right now
+    with platform.RunLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "Took over an empty or unreadable lock" in capsys.readouterr().out and not lock.exists()
+
+
+def test_an_empty_lock_left_by_a_failed_run_does_not_block_the_cli(tmp_path, capsys):
+    from nbhelpers.vit.__main__ import main
+
+    lock = tmp_path / platform.RunLock.NAME
+    lock.write_bytes(b"")  # what a run that hit a full disk left before this fix
+    os.utime(lock, (os.path.getmtime(lock) - 3600,) * 2)
+    assert main(TINY_RUN + ["--out", str(tmp_path)]) == 0
+    assert "Took over an empty or unreadable lock" in capsys.readouterr().out and not lock.exists()
+
+
+def test_a_lock_still_being_filled_by_a_live_run_is_not_taken_over(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(platform.RunLock, "WRITE_SECONDS", 1.0)
+    lock = tmp_path / platform.RunLock.NAME
+    lock.write_bytes(b"")  # a live run has just created it
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"})
+    filler = threading.Timer(0.2, lock.write_text, [record])
+    filler.start()
+    try:
+        with pytest.raises(platform.RunLockedError, match=rf"in use by another run \(host {socket.gethostname()}, PID {os.getpid()}"):
+            platform.RunLock(tmp_path).__enter__()
+    finally:
+        filler.join()
+    assert json.loads(lock.read_text())["started"] == "now"
