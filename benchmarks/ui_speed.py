@@ -7,7 +7,7 @@ A click (click_s) is everything between pressing the button and the result being
 models (GroundingDINO, SAM 2.1, CLIPSeg fallback), drawing the overlay and the figure; saved_s adds writing the four
 full-resolution output files (the UI before issue 18 wrote them before showing the result; it now writes them on a
 worker thread after).
-The models' own share is the time segment_image reports (the summary line's "in N s"). The prompt has two
+The models' own share is the time segment_image reports (the UI's "model time N s" line). The prompt has two
 phrases and the settings force the CLIPSeg fallback with two whole-image masks: the most pixels to draw and save.
 Target (issue 18): click <= 3 x model time + 2 s.
 """
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         click_once(ui)  # warm-up: loads the models
         for repeat in range(args.repeats):
             seconds, saved_seconds, text = click_once(ui)
-            found = re.search(r" in ([0-9.]+)s", text)
+            found = re.search(r"model time ([0-9.]+)s", text)
             if found is None:
                 raise SystemExit(f"the click showed no result: {text!r}")
             model = float(found.group(1))

@@ -18,6 +18,7 @@ import html
 import io
 import os
 import re
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
@@ -32,8 +33,8 @@ from nbhelpers.seg.inputs import load_image
 from nbhelpers.seg.models import load_models, load_sam3_models, release
 from nbhelpers.seg.render import fit_for_display, overlay, show_overlay, summary_line
 from nbhelpers.seg.types import DEFAULT_SAM3, DetectionSettings, Segmentation
-from nbhelpers.seg.ui_inputs import (check_image_path, decode_upload, describe_file, describe_upload, upload_entries,
-                                     upload_guard_script, upload_name)
+from nbhelpers.seg.ui_inputs import (check_image_path, decode_upload, describe_file, describe_upload, read_image_file,
+                                     upload_entries, upload_guard_script, upload_name)
 from nbhelpers.seg.ui_widgets import NOTE_CLASS, UPLOAD_CLASS, arrange, make_controls, upload_hint
 
 SAM_CHECKPOINTS = {
@@ -45,8 +46,8 @@ SAM_CHECKPOINTS = {
 BACKENDS = {"gdino-sam2": "GroundingDINO → SAM 2.1", "sam3": "SAM 3"}  # dropdown value -> its label
 SAM3_CHECKPOINT = DEFAULT_SAM3  # what the loader is asked for when the SAM 3 backend is chosen
 SETTING_NAMES = tuple(setting.name for setting in fields(DetectionSettings))
-# Sliders for the three thresholds; the other DetectionSettings (nms_iou, max_detections, multimask) have no widget
-# and are passed through from the configuration to segment_image.
+# Sliders for GroundingDINO's, CLIPSeg's and SAM 3's thresholds; the other DetectionSettings (nms_iou, max_detections,
+# multimask, sam3_mask_threshold) have no widget and are passed through from the configuration to segment_image.
 DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", "backend": "gdino-sam2",
                             **DetectionSettings().as_dict()}
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
@@ -153,6 +154,7 @@ class SegmentationUI:
     box_threshold: Any
     text_threshold: Any
     clipseg_threshold: Any
+    sam3_threshold: Any
     sam_size: Any
     button: Any
     output: Any  # status, result figure and summary, or the error; set from the kernel only
@@ -171,7 +173,7 @@ class SegmentationUI:
     def current_settings(self) -> DetectionSettings:
         """`settings` with the sliders' thresholds; raises ValueError for a value out of range."""
         return replace(self.settings, box_threshold=self.box_threshold.value, text_threshold=self.text_threshold.value,
-                       clipseg_threshold=self.clipseg_threshold.value)
+                       clipseg_threshold=self.clipseg_threshold.value, sam3_threshold=self.sam3_threshold.value)
 
     def wait_saved(self, timeout: float | None = None) -> None:
         """Block until the last run's files are written (they are saved after the result is shown)."""
@@ -200,17 +202,20 @@ def _wire(ui: SegmentationUI, loader: _KeepLastLoaded, out_dir: Path | None) -> 
     """The latest action picks the image: an upload wins until the path is edited or the upload cleared."""
     def on_upload(_change: Any = None) -> None:
         ui.clear_upload.disabled = not upload_entries(ui.upload.value)
-        ui.upload_note.value = upload_hint()
+        _redraw_upload_note(ui)
         _describe_source(ui)
 
     def on_path(_change: Any) -> None:
         if upload_entries(ui.upload.value):
             ui.upload.value = ()  # calls on_upload
         else:
+            _redraw_upload_note(ui)
             _describe_source(ui)
 
     ui.upload.observe(on_upload, names="value")
     ui.path.observe(on_path, names="value")
+    ui.backend.observe(lambda _change: _enable_for_backend(ui), names="value")
+    _enable_for_backend(ui)
     ui.clear_upload.on_click(lambda _button: setattr(ui.upload, "value", ()))
     def on_prompt_message(_widget: Any, content: dict, _buffers: Any) -> None:
         if content.get("event") == "submit":  # Enter; Text.on_submit does this but is deprecated in ipywidgets 8
@@ -221,13 +226,30 @@ def _wire(ui: SegmentationUI, loader: _KeepLastLoaded, out_dir: Path | None) -> 
     on_upload()
 
 
+def _redraw_upload_note(ui: SegmentationUI) -> None:
+    """Put the upload hint back. The browser-side guard writes a refusal into the note on the page only, so the
+    kernel's value is still the hint: setting it again would send nothing, and the page would keep the refusal.
+    Two changes make the browser redraw the note."""
+    ui.upload_note.value = ""
+    ui.upload_note.value = upload_hint()
+
+
+def _enable_for_backend(ui: SegmentationUI) -> None:
+    """Only the chosen backend's controls can be changed: SAM 3 reads none of GroundingDINO's, CLIPSeg's or SAM 2.1's
+    settings, and GroundingDINO -> SAM 2.1 does not read SAM 3's threshold."""
+    sam3 = chosen_backend(ui) == "sam3"
+    for control in (ui.box_threshold, ui.text_threshold, ui.clipseg_threshold, ui.sam_size):
+        control.disabled = sam3
+    ui.sam3_threshold.disabled = not sam3
+
+
 def _describe_source(ui: SegmentationUI) -> None:
     """Show which image the next run will use, with its size, so a stale upload or a typo is seen before running."""
     uploads = upload_entries(ui.upload.value)
     if uploads:
         text = f"Image: uploaded {html.escape(describe_upload(uploads[-1]))} (the path box is not used)"
     elif not ui.path.value.strip():
-        text = "Image: none yet: upload one or type its path"
+        text = "Image: none yet: upload one, or type its path and press Enter"
     else:
         try:
             path = check_image_path(ui.path.value)
@@ -296,7 +318,7 @@ def _read_image_input(ui: SegmentationUI) -> tuple[np.ndarray, str]:
     if uploads:
         return decode_upload(uploads[-1]), upload_name(uploads[-1])
     path = check_image_path(ui.path.value)
-    return load_image(path), path.name
+    return read_image_file(path), path.name
 
 
 def _figure_png(figure: Any) -> bytes:
@@ -320,13 +342,18 @@ def _loading_in_output(ui: SegmentationUI, loader: ModelsLoader) -> ModelsLoader
     """`loader`, with what it prints (download and loading progress bars) shown under the status line: a widget
     callback's prints would otherwise go to JupyterLab's log console only. The browser fills a capturing Output
     and syncs it back, so capture goes to `ui.progress`: into `ui.output`, set from here, a late sync could undo
-    the result."""
+    the result. An error is caught inside the capture and raised outside it: in a kernel, the capturing Output would
+    show its traceback for good and swallow it (the run then went on with no models)."""
     def load(sam_checkpoint: str) -> Any:
+        failure: Exception | None = None
         with ui.progress:
             try:
                 return loader(sam_checkpoint)
+            except Exception as error:  # raised below, after the capture, as the loader's own message
+                failure = error
             finally:
                 ui.progress.clear_output()
+        raise failure
 
     return load
 
@@ -339,6 +366,7 @@ def chosen_backend(ui: SegmentationUI) -> str:
 def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
     """What "Segment" does: run the pipeline, show the figure and a summary (or the error as one message), then
     save the files at full resolution in the background."""
+    started = time.perf_counter()
     ui.button.disabled = True
     checkpoint = SAM3_CHECKPOINT if chosen_backend(ui) == "sam3" else SAM_CHECKPOINTS.get(ui.sam_size.value, "")
     first = not (isinstance(models_loader, _KeepLastLoaded) and models_loader.has(checkpoint))
@@ -351,7 +379,7 @@ def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path 
                                   _loading_in_output(ui, models_loader), chosen_backend(ui))
         shown_rgb, shown_seg = fit_for_display(image_rgb, seg, DISPLAY_MAX_SIDE)
         png = _figure_png(show_overlay(overlay(shown_rgb, shown_seg), shown_seg, title=f"{name} | prompt: {seg.prompt!r}"))
-        summary = f"{name}: {summary_line(seg)}"
+        summary = f"{name}: {summary_line(seg)}\n{_timing_line(seg, time.perf_counter() - started)}"
         _show(ui.output, png=png, text=summary + (f"\nsaving to {out_dir} ..." if out_dir is not None else ""))
         if out_dir is not None:
             _save_in_background(ui, png, summary, (image_rgb, seg, Path(out_dir), name, settings,
@@ -362,6 +390,14 @@ def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path 
         return None
     finally:
         ui.button.disabled = False
+
+
+def _timing_line(seg: Segmentation, click_s: float) -> str:
+    """The summary's time is the models' only; say so, next to what the whole click took."""
+    timings = seg.timings or {}
+    model_s = timings["total"] if "total" in timings else sum(timings.values())
+    return (f"model time {model_s:.2f}s of {click_s:.2f}s for the whole click (the rest: reading the image, drawing, "
+            "and loading the models on a first run)")
 
 
 def _user_message(error: Exception) -> str:

@@ -16,6 +16,7 @@ UI_CLASS, UPLOAD_CLASS, NOTE_CLASS, RESULT_CLASS = "nbh-seg-ui", "nbh-upload", "
 
 
 def _slider(description: str, value: float, tooltip: str) -> widgets.FloatSlider:
+    # [0, 1]: the range DetectionSettings accepts for every threshold; the value comes from its defaults or config.
     return widgets.FloatSlider(
         value=value, min=0.0, max=1.0, step=0.01, description=description, readout_format=".2f",
         continuous_update=False, tooltip=tooltip, style={"description_width": "120px"},
@@ -50,9 +51,11 @@ def make_controls(values: dict[str, Any], sam_sizes: list[str], backends: dict[s
         upload=upload, upload_note=upload_note,
         clear_upload=widgets.Button(description="Clear upload", icon="times", disabled=True, layout=widgets.Layout(
             width="auto"), tooltip="Forget the uploaded image and use the path instead"),
-        path=widgets.Text(value=str(values["image_path"]), placeholder="/path/to/image.jpg", layout=widgets.Layout(
-            flex="1 1 300px", min_width="220px"), tooltip="Path of an image file on the machine running the notebook; "
-            "quotes and file:// are fine. Typing here replaces an upload"),
+        # Sent to the kernel on Enter or when the box loses focus, not per keystroke: a half-typed path is not an error.
+        path=widgets.Text(value=str(values["image_path"]), placeholder="/path/to/image.jpg", continuous_update=False,
+                          layout=widgets.Layout(flex="1 1 300px", min_width="220px"), tooltip="Path of an image file "
+                          "on the machine running the notebook, then Enter; quotes and file:// are fine. It replaces "
+                          "an upload"),
         source=widgets.HTML(tooltip="The image the next Segment will use"),
         prompt=widgets.Text(value=values["prompt"], placeholder="cat. dog.", layout=widgets.Layout(
             flex="1 1 300px", min_width="220px"), tooltip="What to find, phrases separated by dots, e.g. "
@@ -63,6 +66,8 @@ def make_controls(values: dict[str, Any], sam_sizes: list[str], backends: dict[s
                                "phrase of the prompt"),
         clipseg_threshold=_slider("CLIPSeg threshold", values["clipseg_threshold"], "Used only when no box is found: "
                                   "how sure the coarse fallback must be; lower finds more"),
+        sam3_threshold=_slider("SAM 3 threshold", values["sam3_threshold"], "SAM 3 only (SAM3_THRESHOLD): minimum "
+                               "score of an object; lower finds more, higher fewer and surer objects"),
         sam_size=widgets.Dropdown(options=sam_sizes, value=values["sam_size"], layout=widgets.Layout(
             width="auto", min_width="110px"), tooltip="Mask model size: larger gives sharper edges but is slower and "
             "downloads more the first time"),
@@ -87,7 +92,7 @@ def arrange(ui: Any) -> widgets.VBox:
     container = widgets.VBox([
         _row([ui.upload, ui.clear_upload, _label("or image path", ui.path), ui.path]),
         ui.source, ui.upload_note, _row([_label("Prompt", ui.prompt), ui.prompt]),
-        _row([ui.box_threshold, ui.text_threshold, ui.clipseg_threshold]),
+        _row([ui.box_threshold, ui.text_threshold, ui.clipseg_threshold, ui.sam3_threshold]),
         _row([_label("Models", ui.backend), ui.backend, _label("SAM 2.1 size", ui.sam_size), ui.sam_size, ui.button]),
         ui.output, ui.progress,
     ], layout=widgets.Layout(width="100%"))
