@@ -41,7 +41,7 @@ from nbhelpers.platform import ensure_writable_dir, resolve_paths, select_runtim
 from nbhelpers.vit.config import Config, validate, validate_fields
 from nbhelpers.vit.launch import fit_in_subprocess, visible_gpus
 from nbhelpers.vit.model import VisionTransformer
-from nbhelpers.vit.report import data_label, finish_figure
+from nbhelpers.vit.report import data_label, device_label, finish_figure
 from nbhelpers.vit.train import fit
 
 STUDIES = ("seed", "recipe")
@@ -485,7 +485,7 @@ def measure_study(plan: StudyPlan, statuses: dict[int, str] | None = None, data_
     rows = [_row(plan, index, statuses, reference) for index in range(len(plan.variants))]
     summaries = [s for s in (finished_summary(f, c) for f, c in zip(plan.folders, plan.configs)) if s]
     source = summaries[0]["data_source"] if summaries else "unknown"
-    result = StudyResult(plan, rows, data_label(source, data_name), summaries[0]["device"] if summaries else "unknown",
+    result = StudyResult(plan, rows, data_label(source, data_name), device_label(summaries[0]["device"]) if summaries else "unknown",
                          summaries[0]["test_images"] if summaries else 0, [])
     result.takeaways = takeaways(result)
     return result
@@ -576,3 +576,14 @@ def plot_study(result: StudyResult, show: bool = True) -> Path | None:
     figure.suptitle(f"ablation '{result.plan.study}' on {result.data}; {result.plan.budget}")
     result.chart = finish_figure(figure, result.plan.folders[0].parent / f"{result.plan.study}.png", show)
     return result.chart
+
+
+def show_study(result: StudyResult | None) -> None:
+    """Notebook cell: the study's table, charts and takeaways (nothing when ABLATION is None)."""
+    if result is None:
+        return
+    from IPython.display import Markdown, display
+
+    display(Markdown(study_table(result)))
+    plot_study(result, show=True)
+    display(Markdown("**Takeaways** (computed from the runs above)\n\n" + "\n".join(f"- {line}" for line in result.takeaways)))

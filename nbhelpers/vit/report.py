@@ -175,7 +175,62 @@ def patch_grid_figure(image: np.ndarray, config: ModelConfig, show: bool = True,
     return figure
 
 
+def sample_image(config: Config, index: int = 0) -> tuple[np.ndarray, str]:
+    """Test image `index` of the configured data set and its class name (loaded, and cached, as `fit` will)."""
+    from nbhelpers.platform import resolve_paths
+    from nbhelpers.vit.data import load_data
+
+    paths = resolve_paths("q1_vit", config.train.data_root, config.train.out_dir)
+    data = load_data(config.train, paths.data_root, paths.out_dir / "cache")
+    return data.test_images[index], data.classes[int(data.test_labels[index])]
+
+
+def show_model(config: Config) -> ModelTable:
+    """Notebook cell: the per-layer table of the configured model and its patch grid over a test image."""
+    from IPython.display import Markdown, display
+
+    torch.manual_seed(config.train.seed)
+    table = model_table(VisionTransformer(config.model))
+    display(Markdown(table.to_markdown()))
+    image, label = sample_image(config)
+    figure = patch_grid_figure(image, config.model, show=False)
+    figure.axes[0].set_title(f"a test image ({label})", fontsize=9)
+    _display(figure)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return table
+
+
 # ----------------------------------------------------------------------------- presets and configuration
+
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "benchmarks" / "preset_epoch_times.json"
+
+
+def record_epoch_time(summary_path: str | Path, measurements_path: str | Path = MEASUREMENTS, note: str = "") -> dict[str, Any]:
+    """Add a finished run's median seconds per full epoch to the measurements file (written atomically).
+
+    Args:
+        summary_path: the run's run_summary.json.
+        note: e.g. "quiet machine" or the command that ran it.
+    Returns:
+        The measurement added: preset, seconds_per_epoch, device, date, data, note.
+    """
+    summary = json.loads(Path(summary_path).read_text())
+    full = summary["train_images"] // summary["config"]["train"]["batch_size"]  # a resumed epoch's part is not timed whole
+    seconds = [record["epoch_seconds"] for record in summary["history"] if record.get("steps") == full and "epoch_seconds" in record]
+    if not seconds:
+        raise ValueError(f"{summary_path} has no timed epochs; record a finished run's run_summary.json.")
+    entry = {"preset": summary["preset"], "seconds_per_epoch": float(np.median(seconds)), "device": summary["device"],
+             "date": datetime.datetime.fromtimestamp(Path(summary_path).stat().st_mtime).strftime("%Y-%m-%d"),
+             "data": summary["data_source"], "train_images": summary["train_images"], "note": note}
+    path = Path(measurements_path)
+    content = json.loads(path.read_text()) if path.is_file() else {"measurements": []}
+    content["measurements"].append(entry)
+    write_json_atomic(content, path)
+    return entry
+
+
 
 
 def load_measurements(path: str | Path) -> list[dict[str, Any]]:
@@ -199,7 +254,7 @@ def _measured_epoch(preset: str, measurements: list[dict[str, Any]]) -> str:
     return f"{shown} ({latest.get('device', 'device not recorded')}, {latest.get('date', 'undated')})"
 
 
-def presets_table(measurements_path: str | Path | None = None) -> str:
+def presets_table(measurements_path: str | Path | None = MEASUREMENTS) -> str:
     """Markdown table of every registered preset: model, epochs, batch, LR, parameters and measured time per epoch.
 
     Args:
@@ -230,6 +285,11 @@ def config_table(config: Config, columns: int = 3) -> str:
         for start in range(0, len(pairs), columns):
             lines.append("| " + " | ".join(f"{name} | {value}" for name, value in pairs[start:start + columns]) + " |")
     return "\n".join(lines)
+
+
+def device_label(description: str) -> str:
+    """A run's device line without the '|' separators (they would split a Markdown table cell)."""
+    return description.replace(" | ", ", ")
 
 
 def data_label(source: str, name: str | None = None) -> str:
@@ -517,7 +577,7 @@ def results_table(result: FitResult, data_name: str | None = None) -> str:
     rows = [
         "| run | data | device | params | epochs | train time | test accuracy |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| this run, preset `{summary['preset']}`: final epoch ({final['reported_is']}) | {data} | {summary['device']} | "
+        f"| this run, preset `{summary['preset']}`: final epoch ({final['reported_is']}) | {data} | {device_label(summary['device'])} | "
         f"{summary['parameters'] / 1e6:.2f} M | {summary['epochs']} | {summary['train_seconds'] / 60:.1f} min | **{100 * final['reported']:.2f}%** |",
         f"| this run: best epoch, chosen on test (for comparison only) | {data} | | | epoch {best['epoch']} | | {100 * best['accuracy']:.2f}% |",
         f"| seed write-up (768x12 SPT ViT), published | real CIFAR-10 | their GPU | {parameters_of(PRESETS['seed']().model) / 1e6:.1f} M "
@@ -546,10 +606,14 @@ def stamp_notebook(notebook_path: str | Path, out_dir: str | Path, data_name: st
     duration = notebook.metadata.get("papermill", {}).get("duration")
     wall = f"{duration / 60:.1f} min (the whole notebook, papermill)" if duration else "not recorded"
     lines = ["**This copy was executed headless.**", "",
-             f"- device: {summary['device']} (torch {summary['torch_version']})",
+             f"- device: {device_label(summary['device'])} (torch {summary['torch_version']})",
              f"- data: {data_label(summary['data_source'], data_name)}",
              f"- date: {datetime.datetime.fromtimestamp(summary_path.stat().st_mtime).strftime('%Y-%m-%d %H:%M')} (run_summary.json written)",
              f"- wall time: {wall}; training {summary['train_seconds'] / 60:.1f} min"]
+    lines.append("- progress bars: removed from this copy (a saved notebook cannot run their widgets); the per-epoch lines are kept")
+    for cell in notebook.cells:  # a widget's saved text is its first frame, a bar frozen at 0%
+        if cell.cell_type == "code":
+            cell.outputs = [output for output in cell.outputs if "application/vnd.jupyter.widget-view+json" not in output.get("data", {})]
     notebook.cells.insert(0, nbformat.v4.new_markdown_cell("\n".join(lines)))
     text = nbformat.writes(notebook)
     atomic_write(Path(notebook_path), lambda file: file.write(text.encode()))
