@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from nbhelpers.seg import __main__ as cli
-from nbhelpers.seg.export import OUTPUT_FILES, load_detections
+from nbhelpers.seg.export import COMPLETE_FILE, OUTPUT_FILES, load_detections
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.pipeline import output_folder
 from nbhelpers.seg.video import is_video_file
@@ -53,7 +53,7 @@ def test_folder_run_writes_outputs_and_exits_0(tiny_seg_model_dirs, tiny_seg_mod
     printed = capsys.readouterr()
     assert code == 0, printed.err
     for stem, size in (("kitchen", (72, 120)), ("street", (100, 64))):
-        assert sorted(path.name for path in (out / stem).iterdir()) == sorted(OUTPUT_FILES.values())
+        assert sorted(path.name for path in (out / stem).iterdir()) == sorted([*OUTPUT_FILES.values(), COMPLETE_FILE])
         saved = load_detections(out / stem / "detections.json")
         validate_detections(saved)
         assert (saved["image"]["height"], saved["image"]["width"]) == size
@@ -79,7 +79,7 @@ def test_missing_image_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path
     ("empty prompt", "is empty"),
     ("bad model folder", "model folder './no-such-dino' does not exist"),
     ("threshold out of range", "not in [0, 1]"),
-    ("empty folder", "no images in folder"),
+    ("empty folder", "no images or videos in folder"),
     ("offline hub id", "hf download nbhelpers-tests/not-cached --local-dir DIR"),
 ])
 def test_bad_input_exits_2_with_one_line(case: str, expected: str, tiny_seg_model_dirs, tiny_seg_models,
@@ -210,7 +210,29 @@ def test_folder_segments_its_videos_too(tiny_seg_model_dirs, tiny_seg_models, im
     assert code == 0
     assert sorted(path.name for path in out.iterdir()) == ["inputs_summary.json", "kitchen", "moving", "still", "street"]
     assert (out / "moving" / "tracks.json").is_file() and (out / "moving" / "video_overlay.mp4").is_file()
-    assert sorted(path.name for path in (out / "still").iterdir()) == sorted(OUTPUT_FILES.values())  # a still GIF is an image
+    assert sorted(path.name for path in (out / "still").iterdir()) == sorted([*OUTPUT_FILES.values(), COMPLETE_FILE])  # an image
     summary = json.loads((out / "inputs_summary.json").read_text())
     assert {item["input"]: item["status"] for item in summary["inputs"]} == {
         "kitchen.png": "done", "moving.gif": "done", "still.gif": "done", "street.jpg": "done"}
+
+
+def test_rerun_redoes_corrupt_or_unrecorded_outputs(tiny_seg_model_dirs, tiny_seg_models, image_folder: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Finished means verified by the completion record written last, not that the files exist."""
+    for name, seed in (("garden.png", 5), ("yard.png", 6)):
+        Image.fromarray(make_test_image(40, 56, seed=seed)).save(image_folder / name)
+    out, args = tmp_path / "out", ["--prompt", "a cat", "--box-threshold", "0.05", *_model_args(tiny_seg_model_dirs)]
+    assert cli.main([str(image_folder), "--out", str(out), *args]) == 0
+    overlay = out / "kitchen" / "overlay.png"
+    overlay.write_bytes(overlay.read_bytes()[: overlay.stat().st_size // 2])  # a write cut short (disk full, sync)
+    (out / "street" / "detections.json").write_text("")  # emptied
+    (out / "garden" / COMPLETE_FILE).unlink()  # outputs of an older version, which wrote no record
+    untouched = (out / "yard" / "overlay.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main([str(image_folder), "--out", str(out), *args]) == 0
+    summary = json.loads((out / "inputs_summary.json").read_text())
+    assert {item["input"]: item["status"] for item in summary["inputs"]} == {
+        "garden.png": "done", "kitchen.png": "done", "street.jpg": "done", "yard.png": "skipped"}
+    assert (out / "yard" / "overlay.png").stat().st_mtime_ns == untouched
+    Image.open(overlay).load()  # whole again
+    validate_detections(load_detections(out / "street" / "detections.json"))

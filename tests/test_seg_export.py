@@ -11,7 +11,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from nbhelpers.seg import export
-from nbhelpers.seg.export import build_detections, decode_rle, encode_masks, load_detections, save_outputs
+from nbhelpers.seg.export import (COMPLETE_FILE, OUTPUT_FILES, build_detections, decode_rle, encode_masks, load_detections,
+                                  outputs_complete, save_outputs)
 from nbhelpers.seg.types import Segmentation
 from nbhelpers.testing import validate_detections
 from nbhelpers.seg.render import instance_map, overlay, union_mask
@@ -121,7 +122,9 @@ def test_all_four_files_round_trip(tmp_path: Path) -> None:
     image = image_for(seg)
     paths = save_outputs(image, seg, tmp_path / "run", METADATA)
     assert sorted(path.name for path in paths.values()) == ["detections.json", "instances.png", "mask.png", "overlay.png"]
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == sorted(path.name for path in paths.values())
+    written = sorted(path.name for path in (tmp_path / "run").iterdir())
+    assert written == sorted([COMPLETE_FILE, *(path.name for path in paths.values())])  # the record, written last
+    assert outputs_complete(tmp_path / "run", OUTPUT_FILES.values())
     assert np.array_equal(cv2.imread(str(paths["mask"]), cv2.IMREAD_UNCHANGED), union_mask(seg))
     assert np.array_equal(cv2.imread(str(paths["instances"]), cv2.IMREAD_UNCHANGED), instance_map(seg))
     saved_overlay = cv2.cvtColor(cv2.imread(str(paths["overlay"])), cv2.COLOR_BGR2RGB)
@@ -192,6 +195,35 @@ def test_write_failure_leaves_no_partial_set(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(OSError, match="No space"):
         save_outputs(image_for(new), new, tmp_path / "fresh", METADATA)
     assert list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_complete_only_when_the_record_matches_the_files(tmp_path: Path) -> None:
+    seg = make_seg()
+    save_outputs(image_for(seg), seg, tmp_path, METADATA)
+    names = list(OUTPUT_FILES.values())
+    assert outputs_complete(tmp_path, names)
+    assert not outputs_complete(tmp_path, [*names, "extra.png"])  # a file the record does not list
+    detections = tmp_path / "detections.json"
+    kept = detections.read_bytes()
+    detections.write_bytes(kept[:-10])  # truncated: the size differs from the record's
+    assert not outputs_complete(tmp_path, names)
+    detections.write_bytes(kept)
+    assert outputs_complete(tmp_path, names)
+    (tmp_path / COMPLETE_FILE).write_text("{")  # an unreadable record
+    assert not outputs_complete(tmp_path, names)
+    (tmp_path / COMPLETE_FILE).unlink()  # no record: files of an older version, or of a run that died
+    assert not outputs_complete(tmp_path, names)
+
+
+def test_a_crash_between_renames_leaves_the_folder_unfinished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = make_seg(seed=0), make_seg(seed=9)
+    save_outputs(image_for(first), first, tmp_path, METADATA)
+    # Fault injection: the process dies after the first of the four renames (a SIGKILL cannot be survived here).
+    monkeypatch.setattr(os, "replace", _fail_on_call(2, os.replace, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_outputs(image_for(second), second, tmp_path, METADATA)
+    monkeypatch.undo()
+    assert not outputs_complete(tmp_path, OUTPUT_FILES.values()), "a mix of two runs' files is not a finished set"
 
 
 def test_out_dir_below_a_file_names_the_fix(tmp_path: Path) -> None:

@@ -82,3 +82,62 @@ def test_animated_gif_is_a_video_and_a_cut_video_warns(run_cli, tmp_path: Path) 
     assert code == 0, errors
     assert "ended after" not in summary and "frames" in summary
     assert 1 <= load_tracks(tmp_path / "cut" / "tracks.json")["frames"] < 20
+
+
+def _frame_count(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        capture.release()
+
+
+def test_folder_of_only_videos_runs_from_cli_and_library(run_cli, tiny_seg_models, tmp_path: Path) -> None:
+    import json
+
+    from nbhelpers.seg.folder_run import SUMMARY_FILE, run_folder
+    from nbhelpers.seg.pipeline import SegmentConfig
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    make_test_video(folder / "street.mp4", frames=4, height=48, width=64)
+    code, _, errors = run_cli(str(folder), "--prompt", "a cat", "--out", str(tmp_path / "cli"), "--box-threshold", "0.05")
+    assert code == 0, errors
+    assert _frame_count(tmp_path / "cli" / "street" / "video_overlay.mp4") == 4
+    assert load_tracks(tmp_path / "cli" / "street" / "tracks.json")["frames"] == 4
+    config = SegmentConfig(images=str(folder), prompt="a cat", out_dir=str(tmp_path / "library"))
+    summary = run_folder(config, tiny_seg_models)
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0}
+    assert json.loads((tmp_path / "library" / SUMMARY_FILE).read_text())["inputs"][0]["input"] == "street.mp4"
+    assert (tmp_path / "library" / "street" / "tracks.json").is_file()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL (which no test can survive): nothing after the raising point runs."""
+
+
+def test_a_run_killed_between_overlay_and_tracks_is_redone(run_cli, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from nbhelpers.seg.video import export
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    make_test_video(folder / "clip.mp4", frames=6, height=48, width=64)
+    out, args = tmp_path / "out", ["--prompt", "a cat", "--box-threshold", "0.05"]
+    assert run_cli(str(folder), "--out", str(out), *args)[0] == 0
+
+    def killed(*_args, **_kwargs):
+        raise _Killed  # right after the new MP4 was renamed into place, before tracks.json
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_tracks", killed)
+        with pytest.raises(_Killed):
+            run_cli(str(folder), "--out", str(out), *args, "--overwrite", "--max-frames", "3")
+    pair = out / "clip"
+    assert _frame_count(pair / "video_overlay.mp4") == 3 and load_tracks(pair / "tracks.json")["frames"] == 6  # mismatched
+    code, _, errors = run_cli(str(folder), "--out", str(out), *args, "--max-frames", "3")  # the re-run
+    assert code == 0, errors
+    statuses = {item["input"]: item["status"] for item in json.loads((out / "inputs_summary.json").read_text())["inputs"]}
+    assert statuses == {"clip.mp4": "done"}, "the mismatched pair is not taken as complete"
+    assert _frame_count(pair / "video_overlay.mp4") == load_tracks(pair / "tracks.json")["frames"] == 3

@@ -125,24 +125,36 @@ def _check_before_imports(args: argparse.Namespace) -> Path:
     return source
 
 
+def _check_inputs(source: Path) -> None:
+    """Raise ValueError when nothing in `source` can be segmented: a corrupt video, a folder with no image or video,
+    or only unreadable images. Some bad inputs of a folder are left to the folder run, which reports each one as
+    it skips it (and lists it in inputs_summary.json)."""
+    from nbhelpers.seg.folder_run import list_video_files
+    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files
+    from nbhelpers.seg.video import is_video_file, probe_video
+    from nbhelpers.seg.video.io import VIDEO_EXTENSIONS
+
+    if is_video_file(source):
+        probe_video(source)  # a corrupt or undecodable video fails here, before model loading
+        return
+    images = list_image_files(source) if source.is_dir() else [source]
+    videos = list_video_files(source) if source.is_dir() else []
+    if not images and not videos:
+        raise ValueError(f"no images or videos in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                         f"{', '.join(extension for extension in VIDEO_EXTENSIONS if extension != '.gif')})")
+    unreadable = find_unreadable_images(source) if images else []  # a bad image fails before model loading
+    if unreadable and len(unreadable) == len(images) and not videos:
+        raise ValueError("; ".join(str(error) for _, error in unreadable))
+
+
 def _prepare(args: argparse.Namespace, source: Path):
     """Check the inputs that need the video reader and image decoder, then load the models; any problem here is the
     user's to fix."""
     from nbhelpers.platform import ensure_writable_dir, select_runtime
-    from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files
     from nbhelpers.seg.models import ModelLoadError, load_models, load_sam3_models, resolve_model_source
-    from nbhelpers.seg.folder_run import list_video_files
-    from nbhelpers.seg.video import is_video_file, probe_video
 
     try:
-        if source.is_dir() and not list_image_files(source) and not list_video_files(source):
-            raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, and for videos)")
-        if is_video_file(source):
-            probe_video(source)  # a corrupt or undecodable video fails here, before model loading
-        unreadable = [] if is_video_file(source) else find_unreadable_images(source)  # and so does a bad image
-        if unreadable and len(unreadable) == (len(list_image_files(source)) if source.is_dir() else 1):
-            raise ValueError("; ".join(str(error) for _, error in unreadable))
-        # Some of a folder: the folder run reports each one as it skips it (and lists it in inputs_summary.json).
+        _check_inputs(source)
         ensure_writable_dir(args.out, "--out")
         select_runtime(args.device, verbose=False)  # "cuda" without a GPU fails here
         if args.backend == "sam3":

@@ -1,4 +1,6 @@
-"""Save a Segmentation as mask.png, instances.png, overlay.png and detections.json, all or nothing.
+"""Save a Segmentation as mask.png, instances.png, overlay.png and detections.json, all or nothing, then the
+completion record .complete.json (each file's name and size), written last: a folder counts as finished only when
+its record says so and every file still has its recorded size (`outputs_complete`), never because files exist.
 
 detections.json (masks as COCO run-length encoding, decodable with pycocotools or `decode_rle`):
     {"image": {"height", "width", "source_file"?}, "prompt", "source",
@@ -13,7 +15,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
@@ -25,6 +27,7 @@ from nbhelpers.seg.types import Segmentation
 
 OUTPUT_FILES = {"mask": "mask.png", "instances": "instances.png", "overlay": "overlay.png", "detections": "detections.json"}
 METADATA_KEYS = ("models", "thresholds", "source_file")
+COMPLETE_FILE = ".complete.json"  # the completion record: {"files": {name: size in bytes}}
 
 # ----------------------------------------------------------------------------- RLE
 
@@ -182,10 +185,44 @@ def save_outputs(image_rgb: np.ndarray, seg: Segmentation, out_dir: str | os.Pat
     try:
         for key, data in contents.items():
             temporaries[key] = _write_temp(out_dir, OUTPUT_FILES[key], data)
+        remove_completion_record(out_dir)  # from here until the new record, the folder is not complete
         # Only renames inside one folder remain, after every byte is on disk.
         for key, temp_path in temporaries.items():
             os.replace(temp_path, out_dir / OUTPUT_FILES[key])
     finally:
         for temp_path in temporaries.values():
             temp_path.unlink(missing_ok=True)
+    write_completion_record(out_dir, OUTPUT_FILES.values())
     return {key: out_dir / name for key, name in OUTPUT_FILES.items()}
+
+
+# ----------------------------------------------------------------------------- completion records
+
+
+def remove_completion_record(folder: str | os.PathLike) -> None:
+    """Mark `folder`'s outputs as unfinished (call before replacing any of them)."""
+    (Path(folder) / COMPLETE_FILE).unlink(missing_ok=True)
+
+
+def write_completion_record(folder: str | os.PathLike, names: Iterable[str]) -> Path:
+    """Record the finished outputs `names` of `folder` (name and size each), atomically; call after the last one.
+
+    Returns:
+        The record's path.
+    """
+    from nbhelpers.platform import atomic_write  # platform imports torch; rendering needs none
+
+    folder = Path(folder)
+    payload = json.dumps({"files": {name: (folder / name).stat().st_size for name in names}}, indent=1).encode()
+    return atomic_write(folder / COMPLETE_FILE, lambda file: file.write(payload))
+
+
+def outputs_complete(folder: str | os.PathLike, names: Iterable[str]) -> bool:
+    """Whether `folder` holds the finished outputs `names`: its completion record lists each one and each file
+    still has the recorded size (a truncated, emptied or half-replaced output, or one without a record, is not)."""
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / COMPLETE_FILE).read_text(encoding="utf-8"))["files"]
+        return all((folder / name).is_file() and (folder / name).stat().st_size == int(recorded[name]) for name in names)
+    except (OSError, ValueError, KeyError, TypeError):  # no record, an unreadable one, or a name it lacks
+        return False

@@ -4,8 +4,9 @@
 
 Every process loads the models on its own device and segments every N-th input (images in name order; a
 folder of videos: one video at a time per process). Each input's outputs are the same files a single-process run
-writes, so the union of the processes' outputs is that run's. Inputs whose outputs are complete are skipped
-(a session that died mid-folder continues), unless `overwrite`. Rank 0 writes DIR/inputs_summary.json listing every
+writes, so the union of the processes' outputs is that run's. Inputs whose outputs are complete (their completion
+record, written last, matches the files: nbhelpers.seg.export.outputs_complete) are skipped (a session that died
+mid-folder continues), unless `overwrite`. Rank 0 writes DIR/inputs_summary.json listing every
 input: done, skipped (complete outputs found) or failed with the reason.
 """
 from __future__ import annotations
@@ -21,13 +22,13 @@ from tqdm.auto import tqdm
 from nbhelpers import distributed
 from nbhelpers.platform import atomic_write, ensure_writable_dir
 from nbhelpers.seg import pipeline
-from nbhelpers.seg.export import OUTPUT_FILES
+from nbhelpers.seg.export import OUTPUT_FILES, outputs_complete
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.models import Sam3Models, SegmentationModels
 from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file
+from nbhelpers.seg.video.export import VIDEO_OUTPUTS
 
 SUMMARY_FILE = "inputs_summary.json"
-VIDEO_OUTPUTS = ("video_overlay.mp4", "tracks.json")
 
 
 @dataclass
@@ -42,10 +43,6 @@ class InputStatus:
 def list_video_files(folder: Path) -> list[Path]:
     """Video files directly inside `folder` (animated GIFs included), sorted by name."""
     return sorted(path for path in folder.iterdir() if path.is_file() and is_video_file(path))
-
-
-def outputs_complete(folder: Path, names: tuple[str, ...]) -> bool:
-    return all((folder / name).is_file() for name in names)
 
 
 def my_share(planned: list[tuple[Path, Path]], names: tuple[str, ...], overwrite: bool, block: int = 1

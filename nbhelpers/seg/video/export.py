@@ -1,6 +1,8 @@
 """Video outputs besides the MP4: tracks.json (per object: label, frames, boxes, optional RLE masks) and
 per-frame object-id PNGs. Both appear only complete: the id-map folder is filled under a temporary name and
-swapped in at the end; tracks.json is written atomically.
+swapped in at the end; tracks.json is written atomically. A run removes the folder's completion record before it
+replaces any output and writes it again after tracks.json (`finish_video_outputs`), so an overlay and tracks.json
+from different runs (a run killed between the two) never count as a finished pair.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import cv2
 import numpy as np
 
 from nbhelpers.platform import atomic_write
+from nbhelpers.seg.export import write_completion_record
 from nbhelpers.seg.types import Track
 
 TRACKS_FILE = "tracks.json"
 OVERLAY_FILE = "video_overlay.mp4"
 ID_MAPS_DIR = "id_maps"
+VIDEO_OUTPUTS = (OVERLAY_FILE, TRACKS_FILE)  # a finished video folder's files (id maps are optional)
 
 
 def write_tracks(path: str | os.PathLike, tracks: list[Track], metadata: dict[str, Any]) -> Path:
@@ -26,6 +30,17 @@ def write_tracks(path: str | os.PathLike, tracks: list[Track], metadata: dict[st
     data = dict(metadata) | {"objects": [track.to_json() for track in tracks]}
     payload = json.dumps(data, indent=1).encode()
     return atomic_write(path, lambda file: file.write(payload))
+
+
+def finish_video_outputs(out_dir: str | os.PathLike, tracks: list[Track], metadata: dict[str, Any]) -> Path:
+    """Write tracks.json, then the completion record of it and the overlay: the last writes of a video run.
+
+    Returns:
+        The tracks.json path.
+    """
+    path = write_tracks(Path(out_dir) / TRACKS_FILE, tracks, metadata)
+    write_completion_record(out_dir, VIDEO_OUTPUTS)
+    return path
 
 
 def load_tracks(path: str | os.PathLike) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, Sam3Models
 from nbhelpers.seg.backends import Sam3Backend
 from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation, VideoSettings
-from nbhelpers.seg.video.export import TRACKS_FILE, write_tracks
+from nbhelpers.seg.video.export import finish_video_outputs
 from nbhelpers.seg.video.io import VideoInfo, probe_video
 from nbhelpers.seg.video.segment import (encode_track_mask, expected_frames, output_fps, run_frames, tracks_drawing,
                                          warn_if_truncated, with_offload_retry)
@@ -329,5 +329,5 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
                 "frames_per_second": round(result.frames_per_second, 2), "peak_gpu_memory_bytes": peak,
                 "frames_held_peak": tracker.frames_held_peak, "offload_frames": offloaded[0],
                 "offload_state": offloaded[1], "message": message}
-    result.files["tracks"] = write_tracks(out / TRACKS_FILE, result.tracks, metadata)
+    result.files["tracks"] = finish_video_outputs(out, result.tracks, metadata)
     return result
