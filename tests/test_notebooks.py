@@ -73,8 +73,8 @@ def test_q1_notebook_runs_from_the_readme_commands_on_a_fresh_copy(tmp_path):
     """Install: the documented command is run with --dry-run --no-index --no-build-isolation, so pip resolves
     requirements.txt (including `-e .`) against what is installed but changes nothing: a real install from the copy
     would re-point the shared virtual environment's editable nbhelpers at this temporary folder. Run: the documented
-    line exactly, through bash in the copy, with `-p PRESET fast` swapped for `-p PRESET smoke -p EPOCHS 4` (the
-    smoke preset on synthetic data, to keep the suite fast); nbhelpers is imported from the copy via PYTHONPATH.
+    line exactly, through bash in the copy, with `-p PRESET fast` swapped for `-p PRESET smoke -p EPOCHS 4` and a
+    two-run ABLATION of one epoch each (the smoke preset on synthetic data, to keep the suite fast); nbhelpers is imported from the copy via PYTHONPATH.
     This is the suite's one run of the Q1 notebook, so it also checks what the run reports and writes."""
     install, run = setup_and_run_commands()
     assert install == "pip install -r requirements.txt"
@@ -85,14 +85,16 @@ def test_q1_notebook_runs_from_the_readme_commands_on_a_fresh_copy(tmp_path):
     resolved = subprocess.run([sys.executable, "-m", *install.split(), "--dry-run", "--no-index", "--no-build-isolation"],
                               cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert resolved.returncode == 0, resolved.stdout[-2000:] + resolved.stderr[-2000:]
-    smoke = run.removesuffix(" -p PRESET fast") + " -p PRESET smoke -p EPOCHS 4"
+    # plus a two-run ABLATION of one epoch each: the study section runs in the same notebook run
+    smoke = run.removesuffix(" -p PRESET fast") + " -p PRESET smoke -p EPOCHS 4 -y 'ABLATION: [depth=1]' -p ABLATION_EPOCHS 1"
     done = subprocess.run(["bash", "-c", smoke], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     check_q1_run(nbformat.read(repo / "outputs" / "q1_vit_cifar10.ipynb", as_version=4), repo / "outputs" / "q1_vit")
 
 
 def check_q1_run(notebook, out_dir: Path) -> None:
-    """The Q1 notebook's smoke run (4 epochs): its summary, checkpoints, plots, and what it shows inline."""
+    """The Q1 notebook's smoke run (4 epochs and a two-run ablation): its summary, checkpoints, plots, the model,
+    presets and results tables, the study's runs and takeaways, and what it shows inline."""
     from nbhelpers.vit.checkpoint import load_checkpoint
 
     summary = json.loads((out_dir / "run_summary.json").read_text())
@@ -111,6 +113,21 @@ def check_q1_run(notebook, out_dir: Path) -> None:
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4, "plots are shown inline"
     assert any("final test accuracy" in output.get("text", "") for output in outputs)
+    markdown = "\n".join(output.get("data", {}).get("text/markdown", "") for output in outputs)
+    # the model section: a per-layer table whose total matches the trained model, and the patch grid figure
+    assert f"**{summary['parameters']:,}**" in markdown and "| block 2 |" in markdown
+    assert f"**{summary['flops_per_image'] / 1e6:,.1f} M**" in markdown
+    assert "| `cpu` |" in markdown and "not measured" in markdown  # the presets table, from the registry
+    # results: the generated data is named as such wherever the seed's CIFAR-10 figure stands beside it
+    results = next(text for text in markdown.split("\n\n") if "seed write-up (768x12" in text)
+    assert "generated data (10 made-up classes, not CIFAR-10)" in results and "device cpu" in results
+    # the ablation: two runs of one epoch, a table, the chart and takeaways built from their summaries
+    runs = sorted((out_dir / "ablation").glob("*/run_summary.json"))
+    assert len(runs) == 2 and all(json.loads(path.read_text())["epochs"] == 1 for path in runs)
+    accuracies = {path.parent.name.split("-")[0]: json.loads(path.read_text())["final_test_accuracy"]["reported"] for path in runs}
+    delta = 100 * (accuracies["depth"] - accuracies["reference"])
+    assert f"depth=1: {delta:+.1f} points over the reference" in markdown and "on generated data (not CIFAR-10)" in markdown
+    assert (out_dir / "ablation" / "custom.png").stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------- Q2

@@ -184,7 +184,7 @@ def _seed_variants(base: Config) -> list[Variant]:
              "cutmix_alpha": 0.0, "random_erasing": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0, "tta": False}
     steps = [
         Variant("baseline", f"plain recipe (crop + flip only), depth {depth}, lr {train.lr / 2:g}", plain | {"depth": depth, "lr": train.lr / 2}),
-        Variant("mixup-cutmix", "+ MixUp/CutMix", {"mix": True}),
+        Variant("mixup-cutmix", "+ MixUp/CutMix", {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}),
         Variant("deeper", f"depth {depth} -> {depth + 2}", {"depth": depth + 2}),
         Variant("higher-lr", f"lr {train.lr / 2:g} -> {train.lr:g}", {"lr": train.lr}),
         Variant("spt", "patches -> SPT", {"tokenizer": "spt"}),

@@ -128,8 +128,11 @@ def model_table(model: VisionTransformer) -> ModelTable:
     rows.insert(1, LayerRow("class token + positions", "prepend [CLS], add a learned position per token" if model.cls_token is not None
                             else "add a position per token", token_shape, sum(p.numel() for p in prefix), 0))
     pool_parameters = count_parameters(model.pool_score) if model.pool_score is not None else 0
-    rows.insert(len(rows) - 1, LayerRow("pool", pool_what, shapes["pool"], pool_parameters, 0))
-    return ModelTable(rows, count_parameters(model), int(counter.get_total_flops()), model.num_tokens)
+    # Pooling runs in the model's own forward (sequence pooling: a score layer and a weighted sum): what the
+    # named parts do not account for is its share.
+    total = int(counter.get_total_flops())
+    rows.insert(len(rows) - 1, LayerRow("pool", pool_what, shapes["pool"], pool_parameters, total - sum(row.flops for row in rows)))
+    return ModelTable(rows, count_parameters(model), total, model.num_tokens)
 
 
 def parameters_of(model: ModelConfig) -> int:
