@@ -44,11 +44,41 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_seg_models, capsys) -> Non
     prompt = ", ".join(f"a red {word}" for word in words)  # 12 phrases, ~50 tokens > 32
     result = segment_image(make_test_image(48, 64), prompt, tiny_seg_models)
     warning = capsys.readouterr().err.strip()
-    assert warning.startswith("warning: prompt has") and "more than GroundingDINO reads" in warning
+    assert warning.startswith("warning: prompt cut") and "GroundingDINO 32 tokens in all" in warning
+    assert "\n" not in warning, "one line"
     assert ".py" not in warning, "no internal file path or line in what the user reads"
     tokenizer = tiny_seg_models.dino.processor.tokenizer
     assert len(tokenizer(result.prompt)["input_ids"]) <= 32
     assert result.prompt.startswith("a red cat. a red dog.") and "a red disc" not in result.prompt
+
+
+def _one_warning(err: str) -> str:
+    """The run's single stderr line, which must be the prompt warning (no transformers warning beside it)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: prompt cut to what the models read"), err
+    return lines[0]
+
+
+def test_one_long_word_is_cut_to_groundingdino_limit(tiny_seg_models, capsys) -> None:
+    word = "abcdefghij" * 5  # one word of 50 WordPiece tokens: more than the tiny GroundingDINO's 32
+    result = segment_image(make_test_image(48, 64), word, tiny_seg_models, DetectionSettings(box_threshold=0.0))
+    assert "GroundingDINO 32 tokens in all" in _one_warning(capsys.readouterr().err)
+    tokenizer = tiny_seg_models.dino.processor.tokenizer
+    assert len(tokenizer(result.prompt)["input_ids"]) <= 32 and word.startswith(result.prompt.rstrip("."))
+    assert len(result) and all(word.startswith(label) for label in result.labels)
+
+
+def test_a_10000_character_word_reaches_clipseg_cut_to_its_limit(tiny_seg_models, capsys, monkeypatch) -> None:
+    from nbhelpers.seg.inference import clipseg_probabilities
+
+    # A tokenizer config without model_max_length (the tiny one has 77): only the model's 77 positions bound it.
+    monkeypatch.setattr(tiny_seg_models.clipseg.processor.tokenizer, "model_max_length", int(1e30))
+    word = "a" * 10_000
+    result = segment_image(make_test_image(48, 64), word, tiny_seg_models, DetectionSettings(box_threshold=1.0))
+    assert result.source in ("clipseg-fallback", "none")  # GroundingDINO finds nothing: CLIPSeg ran
+    assert "CLIPSeg 77 tokens per phrase" in _one_warning(capsys.readouterr().err)
+    picture = Image.fromarray(make_test_image(48, 64))
+    assert clipseg_probabilities(tiny_seg_models.clipseg, picture, [word]).shape == (1, 48, 64)  # called directly too
 
 
 def test_non_ascii_prompt_runs(tiny_seg_models) -> None:

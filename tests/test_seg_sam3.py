@@ -93,13 +93,31 @@ def test_nothing_found_says_which_threshold(sam3) -> None:
     assert len(result) == 0 and "SAM3_THRESHOLD" in result.message
 
 
-def test_long_phrase_is_cut_with_a_warning(sam3) -> None:
+def test_long_phrase_is_cut_with_a_warning(sam3, capsys) -> None:
     long_phrase = " ".join(["red cat"] * 30)  # far more than the 32 tokens SAM 3's text encoder reads
-    with pytest.warns(UserWarning, match="SAM 3's text encoder"):
-        result = segment_image(make_test_image(48, 64), [long_phrase, "dog"], sam3, EVERYTHING)
+    result = segment_image(make_test_image(48, 64), [long_phrase, "dog"], sam3, EVERYTHING)
+    (warning,) = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("warning: prompt cut") and "SAM 3 32 tokens per phrase" in warning
     tokenizer = sam3.image.processor.tokenizer
     cut = next(label for label in result.labels if label.startswith("red cat"))
     assert len(tokenizer(cut)["input_ids"]) <= 32 and long_phrase.startswith(cut)
+
+
+def test_a_10000_character_word_is_cut_for_sam3_images_and_video(sam3, tmp_path: Path, capsys, monkeypatch) -> None:
+    set_sam3_kernel_state(monkeypatch, "missing")  # the same run whatever is installed
+    word = "a" * 10_000
+    result = segment_image(make_test_image(48, 64), word, sam3, EVERYTHING)
+    (warning,) = capsys.readouterr().err.strip().splitlines()
+    assert "SAM 3 32 tokens per phrase" in warning
+    tokenizer = sam3.image.processor.tokenizer
+    assert result.labels and all(len(tokenizer(label)["input_ids"]) <= 32 and word.startswith(label)
+                                 for label in result.labels)
+    clip = make_test_video(tmp_path / "clip.mp4", frames=2, height=48, width=64)
+    video = segment_video_sam3(clip, word, sam3, tmp_path / "out", settings=VIDEO, progress=False)
+    err = capsys.readouterr().err  # may also hold the progress bar of the video model's first load
+    (warning,) = [line for line in err.splitlines() if "warning" in line.lower() or "[transformers]" in line]
+    assert "SAM 3 video 32 tokens per phrase" in warning
+    assert video.frames == 2 and len(video.prompt) < 40
 
 
 def test_cli_sam3_image(sam3_dirs, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ instance of each phrase in one model. `as_backend` picks the class from the load
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Protocol, runtime_checkable
 
 import cv2
@@ -20,8 +19,8 @@ from torchvision.ops import batched_nms
 from nbhelpers.seg.inference import (clipseg_probabilities, grounding_dino_inputs, max_prompt_tokens,
                                      run_grounding_dino, sam2_image_embeddings, sam2_masks_for_boxes,
                                      sam2_pixel_values)
-from nbhelpers.seg.inputs import fit_phrases, normalize_prompt
-from nbhelpers.seg.models import LoadedModel, Sam3Models, SegmentationModels
+from nbhelpers.seg.inputs import TextLimit, fit_phrases, normalize_prompt
+from nbhelpers.seg.models import LoadedModel, Sam3Models, SegmentationModels, text_token_limit
 from nbhelpers.seg.types import DetectionSettings, Detections, FrameDetections, Segmentation
 
 
@@ -164,8 +163,9 @@ class GroundingDinoSam2Backend:
         return self.models.describe()
 
     def fit_phrases(self, phrases: list[str]) -> list[str]:
-        dino = self.models.dino
-        return fit_phrases(phrases, dino.processor.tokenizer, max_prompt_tokens(dino))
+        dino, clipseg = self.models.dino, self.models.clipseg  # CLIPSeg (the fallback) reads each phrase alone
+        return fit_phrases(phrases, [TextLimit("GroundingDINO", dino.processor.tokenizer, max_prompt_tokens(dino), True),
+                                     TextLimit("CLIPSeg", clipseg.processor.tokenizer, text_token_limit(clipseg))])
 
     def detect(self, image: np.ndarray, phrases: list[str], settings: DetectionSettings) -> FrameDetections:
         picture = Image.fromarray(image)
@@ -244,14 +244,6 @@ class GroundingDinoSam2Backend:
 # ----------------------------------------------------------------------------- SAM 3
 
 
-def _fit_sam3_phrase(phrase: str, tokenizer, max_tokens: int) -> str:
-    """The phrase's leading words that fit SAM 3's text encoder (each phrase is its own prompt)."""
-    words = phrase.split()
-    while len(words) > 1 and len(tokenizer.tokenize(" ".join(words))) + tokenizer.num_special_tokens_to_add() > max_tokens:
-        words.pop()
-    return " ".join(words)
-
-
 def _rows_of(rows: np.ndarray, offset: int, count: int) -> torch.Tensor:
     """The kept rows that fall in one phrase's block [offset, offset + count), relative to the block."""
     inside = rows[(rows >= offset) & (rows < offset + count)]
@@ -273,18 +265,10 @@ class Sam3Backend:
 
     def max_prompt_tokens(self) -> int:
         """Tokens SAM 3's text encoder reads per phrase, special tokens included (32 for facebook/sam3)."""
-        tokenizer, text_config = self.sam3.processor.tokenizer, self.sam3.model.config.text_config
-        return int(min(tokenizer.model_max_length, text_config.max_position_embeddings))
+        return text_token_limit(self.sam3)
 
     def fit_phrases(self, phrases: list[str]) -> list[str]:
-        limit = self.max_prompt_tokens()
-        fitted = [_fit_sam3_phrase(phrase, self.sam3.processor.tokenizer, limit) for phrase in phrases]
-        cut = [phrase for phrase, kept in zip(phrases, fitted) if kept != phrase]
-        if cut:
-            warnings.warn(f"{len(cut)} phrase(s) longer than SAM 3's text encoder reads ({limit} tokens) were cut to "
-                          f"their leading words: {cut[0]!r} -> {fitted[phrases.index(cut[0])]!r}. Shorten them.",
-                          stacklevel=3)
-        return list(dict.fromkeys(fitted))
+        return fit_phrases(phrases, [TextLimit("SAM 3", self.sam3.processor.tokenizer, self.max_prompt_tokens())])
 
     def detect(self, image: np.ndarray, phrases: list[str], settings: DetectionSettings) -> FrameDetections:
         found = self.segment_images([image], phrases, settings)[0]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nbhelpers.seg.models import LoadedModel
+from nbhelpers.seg.models import LoadedModel, text_token_limit
 from nbhelpers.seg.types import Detections
 
 # ----------------------------------------------------------------------------- running the models
@@ -33,8 +33,8 @@ def phrase_token_map(input_ids: list[int], tokenizer) -> np.ndarray:
 
 
 def max_prompt_tokens(dino: LoadedModel) -> int:
-    """Longest prompt (tokens, with [CLS]/[SEP]) GroundingDINO reads; the model silently cuts longer ones."""
-    return int(min(dino.processor.tokenizer.model_max_length, dino.model.config.max_text_len))
+    """Longest prompt (tokens, with [CLS]/[SEP]) GroundingDINO reads; a longer one fails in its forward pass."""
+    return text_token_limit(dino)
 
 
 def grounding_dino_inputs(dino: LoadedModel, images: list[Image.Image], prompt: str) -> Any:
@@ -128,9 +128,13 @@ def sam2_masks_for_boxes(sam: LoadedModel, embeddings: list[torch.Tensor], index
 
 
 def clipseg_probabilities(clipseg: LoadedModel, image: Image.Image, phrases: list[str]) -> np.ndarray:
-    """CLIPSeg probability map per phrase, resized to the original image: (P, H, W) float32 in [0, 1]."""
+    """CLIPSeg probability map per phrase, resized to the original image: (P, H, W) float32 in [0, 1].
+
+    A phrase longer than CLIPSeg reads is cut to its leading tokens (callers cut it first, with a warning:
+    nbhelpers.seg.inputs.fit_phrases); the explicit max_length also covers a tokenizer saved without a limit.
+    """
     inputs = clipseg.processor(text=phrases, images=[image] * len(phrases), padding=True, truncation=True,
-                               return_tensors="pt").to(clipseg.device)
+                               max_length=text_token_limit(clipseg), return_tensors="pt").to(clipseg.device)
     with torch.inference_mode(), clipseg.autocast():
         logits = clipseg.model(**inputs).logits.float()
     if logits.ndim == 2:  # older releases squeeze a batch of one

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -150,32 +151,76 @@ def normalize_prompt(prompt: str | Sequence[str]) -> str:
     return ". ".join(prompt_phrases(prompt)) + "."
 
 
-def fit_phrases(phrases: list[str], tokenizer, max_tokens: int) -> list[str]:
-    """Drop trailing phrases (or words) until the prompt fits the text encoder; warn when anything is cut.
+@dataclass(frozen=True)
+class TextLimit:
+    """How much text one model reads (nbhelpers.seg.models.text_token_limit gives max_tokens)."""
+
+    model: str  # named in the warning, e.g. "GroundingDINO"
+    tokenizer: Any  # the model's transformers tokenizer
+    max_tokens: int  # most tokens it reads, special tokens included
+    joined: bool = False  # True: all phrases form one prompt "a. b." (GroundingDINO); False: each phrase is a text
+
+    def fits(self, phrases: list[str]) -> bool:
+        texts = [normalize_prompt(phrases)] if self.joined else phrases
+        # verbose=False: no "Token indices sequence length is longer" warning while measuring
+        return all(len(self.tokenizer(text, verbose=False)["input_ids"]) <= self.max_tokens for text in texts)
+
+
+def _most_that_fit(items: list, fits: Callable[[list], bool]) -> int:
+    """The largest k such that fits(items[:k]), by bisection (a prefix of a fitting prefix fits too)."""
+    low, high = 0, len(items)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(items[:middle]) else (low, middle - 1)
+    return low
+
+
+def _leading_part(phrase: str, limit: TextLimit) -> str:
+    """The phrase's leading words that `limit` reads whole; a single word too long for it: its leading tokens."""
+    words = phrase.split()
+    count = _most_that_fit(words, lambda part: not part or limit.fits([" ".join(part)]))
+    if count:
+        return " ".join(words[:count])
+    ids = limit.tokenizer(words[0], add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(part: list[int]) -> str:
+        return limit.tokenizer.decode(part, skip_special_tokens=True).strip()
+
+    count = _most_that_fit(ids, lambda part: not part or (bool(decode(part)) and limit.fits([decode(part)])))
+    return decode(ids[:count])
+
+
+def _fit_one(phrases: list[str], limit: TextLimit) -> list[str]:
+    """Phrases within one limit: each phrase cut to it, or (joined) trailing phrases dropped, then the first cut."""
+    if limit.fits(phrases):
+        return phrases
+    if not limit.joined:
+        return [phrase if limit.fits([phrase]) else _leading_part(phrase, limit) for phrase in phrases]
+    kept = phrases[: _most_that_fit(phrases, lambda part: not part or limit.fits(part))]
+    return kept or [_leading_part(phrases[0], limit)]
+
+
+def fit_phrases(phrases: list[str], limits: Sequence[TextLimit]) -> list[str]:
+    """Cut the phrases so that every model reads all of its text; one warning line when anything is cut.
 
     Args:
-        phrases: from `prompt_phrases`. tokenizer: the text encoder's (a transformers tokenizer).
-        max_tokens: most tokens the encoder reads, special tokens included.
+        phrases: from `prompt_phrases`. limits: one per model that reads them (per-phrase limits apply first).
     Returns:
-        The leading phrases that fit (at least the first phrase's leading words).
+        The phrases every model reads whole (at least the leading part of the first one), without repeats.
     """
-    def token_count(candidate: list[str]) -> int:
-        # tokenize() does not warn about over-long inputs the way __call__ does
-        return len(tokenizer.tokenize(normalize_prompt(candidate))) + tokenizer.num_special_tokens_to_add()
-
-    if token_count(phrases) <= max_tokens:
-        return phrases
-    kept: list[str] = []
-    for phrase in phrases:
-        if token_count(kept + [phrase]) > max_tokens:
-            break
-        kept.append(phrase)
-    if not kept:  # the first phrase alone is too long: keep its leading words
-        words = phrases[0].split()
-        while len(words) > 1 and token_count([" ".join(words)]) > max_tokens:
-            words.pop()
-        kept = [" ".join(words)]
-    # a plain line (not warnings.warn, which would show this file's path and line), written above any progress bar
-    tqdm.write(f"warning: prompt has {token_count(phrases)} tokens, more than GroundingDINO reads ({max_tokens}); "
-               f"using {normalize_prompt(kept)!r}. Shorten the prompt or split it into several runs.", file=sys.stderr)
-    return kept
+    fitted, cutting = list(phrases), []
+    for limit in sorted(limits, key=lambda limit: limit.joined):
+        before, fitted = fitted, [phrase for phrase in _fit_one(fitted, limit) if phrase]
+        if fitted != before:
+            cutting.append(f"{limit.model} {limit.max_tokens} tokens{' in all' if limit.joined else ' per phrase'}")
+    fitted = list(dict.fromkeys(fitted))
+    if not fitted:  # no token of the prompt survives decoding (not seen with real tokenizers)
+        raise ValueError(f"PROMPT {normalize_prompt(phrases)[:80]!r}...: no part of it fits the models' text "
+                         f"encoders; use short phrases such as 'a cat. a remote control'.")
+    if cutting:
+        shown = normalize_prompt(fitted)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        # a plain line (not warnings.warn, which would show this file's path and line), written above any progress bar
+        tqdm.write(f"warning: prompt cut to what the models read ({', '.join(cutting)}): using {shown!r}. Shorten "
+                   f"the prompt or split it into several runs.", file=sys.stderr)
+    return fitted

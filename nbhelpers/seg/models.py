@@ -170,6 +170,16 @@ class LoadedModel:
 _CACHE: dict[tuple, LoadedModel] = {}
 
 
+def text_token_limit(loaded: LoadedModel) -> int:
+    """Most tokens (special tokens included) the model's text encoder reads: the smaller of its tokenizer's
+    `model_max_length` (absent from some tokenizer configs) and the model config's own bound (GroundingDINO:
+    `max_text_len`; CLIPSeg, SAM 3: the text encoder's `max_position_embeddings`; SAM 3 video: its detector's)."""
+    config = loaded.model.config
+    config = getattr(config, "detector_config", None) or config  # SAM 3 video: the detector reads the text
+    bound = getattr(config, "max_text_len", None) or config.text_config.max_position_embeddings
+    return int(min(loaded.processor.tokenizer.model_max_length, bound))
+
+
 def _runtime(runtime: Runtime | None) -> Runtime:
     return runtime if runtime is not None else select_runtime(None, "auto", compile=False)
 

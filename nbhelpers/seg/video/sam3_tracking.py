@@ -36,9 +36,8 @@ import numpy as np
 import torch
 
 from nbhelpers.platform import ensure_writable_dir
-from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
-from nbhelpers.seg.models import LoadedModel, Sam3Models
-from nbhelpers.seg.backends import Sam3Backend
+from nbhelpers.seg.inputs import TextLimit, fit_phrases, normalize_prompt, prompt_phrases
+from nbhelpers.seg.models import LoadedModel, Sam3Models, text_token_limit
 from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation, VideoSettings
 from nbhelpers.seg.video.export import finish_video_outputs
 from nbhelpers.seg.video.io import VideoInfo, probe_video
@@ -293,10 +292,12 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
     minimum and `settings.nms_iou` the duplicate-track overlap.
     """
     stride, max_frames, max_objects = video_settings.frame_stride, video_settings.max_frames, video_settings.max_objects
-    phrases = Sam3Backend(models).fit_phrases(prompt_phrases(prompt))
+    phrases = prompt_phrases(prompt)
     info = probe_video(video)
     out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
     sam3_video = models.video()
+    tokenizer = sam3_video.processor.tokenizer  # the video model reads the text itself
+    phrases = fit_phrases(phrases, [TextLimit("SAM 3 video", tokenizer, text_token_limit(sam3_video))])
     postprocessing = report_sam3_postprocessing()  # before the first frame, where transformers would warn in red
 
     def run_pass(offloaded: tuple[bool, bool]):
