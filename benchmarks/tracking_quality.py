@@ -65,12 +65,16 @@ class Clip:
     frames: int
     dino_misses: set[int] = field(default_factory=set)  # frames where only the CLIPSeg fallback finds anything
     max_objects: int = 20
+    lose_fast: bool = False  # the tracker stand-in loses an object that moves more than its size in one frame
+    height: int = HEIGHT
+    width: int = WIDTH
+    kind: str = "basic"  # the family of hard case it belongs to (hard_clips), or "basic" for the first six
 
     def masks(self, frame: int) -> dict[int, np.ndarray]:
         """Ground-truth id -> visible (H, W) bool mask, for the objects visible on `frame`."""
         visible: dict[int, np.ndarray] = {}
         for thing_id, thing in self.things.items():  # in drawing order: later ones hide earlier ones
-            mask = _rectangle(thing, frame)
+            mask = _rectangle(thing, frame, (self.height, self.width))
             if mask is None:
                 continue
             visible = {i: m & ~mask for i, m in visible.items()}
@@ -78,7 +82,7 @@ class Clip:
         return {i: m for i, m in visible.items() if m.sum() >= 4}
 
     def image(self, frame: int) -> np.ndarray:
-        picture = np.full((HEIGHT, WIDTH, 3), 128, np.uint8)
+        picture = np.full((self.height, self.width, 3), 128, np.uint8)
         for thing_id, mask in self.masks(frame).items():
             picture[mask] = self.things[thing_id].colour
         return picture
@@ -87,13 +91,13 @@ class Clip:
         return ". ".join(dict.fromkeys(thing.label for thing in self.things.values()))
 
 
-def _rectangle(thing: Thing, frame: int) -> np.ndarray | None:
+def _rectangle(thing: Thing, frame: int, size: tuple[int, int]) -> np.ndarray | None:
     centre = thing.centre(frame)
     if centre is None:
         return None
     (x, y), (h, w) = centre, thing.size
     x0, y0 = int(round(x - w / 2)), int(round(y - h / 2))
-    mask = np.zeros((HEIGHT, WIDTH), bool)
+    mask = np.zeros(size, bool)
     mask[max(y0, 0):max(y0 + h, 0), max(x0, 0):max(x0 + w, 0)] = True
     return mask if mask.any() else None
 
@@ -104,6 +108,7 @@ def box_of(mask: np.ndarray) -> list[int]:
 
 
 RED, GREEN, BLUE, YELLOW = (220, 30, 30), (30, 200, 60), (30, 60, 220), (230, 210, 40)
+ORANGE, PURPLE = (240, 140, 20), (150, 40, 200)
 
 
 def clips() -> list[Clip]:
@@ -130,19 +135,161 @@ def clips() -> list[Clip]:
         # The square leaves after 12 frames; the rest is empty, and GroundingDINO also misses it twice.
         Clip("empty_at_redetection", {1: Thing("square", RED, (10, 10), moving(20, 4.0, 20, stop=12))}, 40,
              dino_misses=set(range(0, 2)) | set(range(5, 8)) | set(range(12, 40))),
-        # Two objects, then two others later, with room for two at once.
+        # Two objects, then two others later, with room for two at once. The later disc is purple: one that looked
+        # just like the first, coming in 1.4 s after it left, would be the re-entry reenters_elsewhere keeps the id of.
         Clip("coming_and_going", {1: Thing("square", RED, (10, 10), moving(40, 3.0, 12, stop=12)),
                                   2: Thing("disc", BLUE, (10, 10), moving(44, 3.0, 34, stop=12)),
                                   3: Thing("square", YELLOW, (10, 10), moving(-4, 1.5, 14, start=22)),
-                                  4: Thing("disc", BLUE, (10, 10), moving(-4, 1.5, 36, start=24))}, 48, max_objects=2),
+                                  4: Thing("disc", PURPLE, (10, 10), moving(-4, 1.5, 36, start=24))}, 48, max_objects=2),
     ]
+
+
+# ----------------------------------------------------------------------------- hard cases (issue 24)
+
+HARD_KINDS = ("reenters_elsewhere", "cross_while_hidden", "fast", "fast_lost", "newcomer_encloses")
+
+
+def _route(starts: tuple[float, float], velocity: tuple[float, float], frames: int, gap: int, size: tuple[int, int],
+           frame_size: tuple[int, int]) -> Callable[[int], tuple[float, float] | None]:
+    """A straight walk that, once wholly out of the picture, stays away `gap` frames and comes back in at the
+    opposite edge with the same velocity (an object that went round behind the camera)."""
+    (h, w), (height, width) = size, frame_size
+    positions: list[tuple[float, float] | None] = []
+    x, y, away = starts[0], starts[1], None
+    for _ in range(frames):
+        outside = x + w / 2 <= 0 or x - w / 2 >= width or y + h / 2 <= 0 or y - h / 2 >= height
+        if outside and away is None:
+            away = gap
+        if away is not None:
+            positions.append(None)
+            away -= 1
+            if away == 0:  # in again from the other side: one step in from just beyond the opposite edge
+                x = (width + w / 2 if x < 0 else -w / 2 if x >= width else x) + velocity[0]
+                y = (height + h / 2 if y < 0 else -h / 2 if y >= height else y) + velocity[1]
+                away = None
+            continue
+        positions.append((x, y))
+        x, y = x + velocity[0], y + velocity[1]
+    return lambda t: positions[t] if 0 <= t < len(positions) else None
+
+
+def _bounce(start: tuple[float, float], velocity: tuple[float, float], size: tuple[int, int],
+            frame_size: tuple[int, int]) -> Callable[[int], tuple[float, float]]:
+    """Straight lines reflected off the picture's edges (a ball in a box) at constant speed."""
+    def fold(value: float, low: float, high: float) -> float:
+        span = high - low
+        phase = (value - low) % (2 * span)
+        return low + (phase if phase <= span else 2 * span - phase)
+
+    (h, w), (height, width) = size, frame_size
+    return lambda t: (fold(start[0] + velocity[0] * t, w / 2 + 1, width - w / 2 - 1),
+                      fold(start[1] + velocity[1] * t, h / 2 + 1, height - h / 2 - 1))
+
+
+def _dash(start: tuple[float, float], slow: tuple[float, float], fast: tuple[float, float], dash_from: int,
+          dash_frames: int) -> Callable[[int], tuple[float, float]]:
+    """Slow, then `dash_frames` frames at `fast` velocity from frame `dash_from`, then slow again."""
+    def at(t: int) -> tuple[float, float]:
+        fast_frames = min(max(t - dash_from, 0), dash_frames)
+        return tuple(s + v * (t - fast_frames) + f * fast_frames for s, v, f in zip(start, slow, fast))
+    return at
+
+
+def _still(x: float, y: float, start: int = 0):
+    return lambda t: (x, y) if t >= start else None
+
+
+def _across(x0: float, y0: float, vx: float, vy: float):
+    return lambda t: (x0 + vx * t, y0 + vy * t)
+
+
+def reentry_clips() -> list[Clip]:
+    """An object leaves on one side and comes back on the other side within the forgetting horizon (3 s)."""
+    size, frame_size = (10, 10), (HEIGHT, WIDTH)
+    variants = [("left_gap12", (32, 16), (-3, 0), 12, None), ("right_gap18", (32, 30), (3, 0), 18, None),
+                ("up_gap12", (24, 24), (0, -2), 12, None), ("left_gap24_other_square_stays", (40, 14), (-2.5, 0), 24,
+                                                                                          (14, 36))]
+    clips_ = []
+    for name, start, velocity, gap, other in variants:
+        frames = 56 if gap > 18 else 48
+        things = {1: Thing("square", RED, size, _route(start, velocity, frames, gap, size, frame_size))}
+        if other:
+            things[2] = Thing("square", YELLOW, (10, 10), _still(*other))
+        clips_.append(Clip(f"reenters_elsewhere-{name}", things, frames, kind="reenters_elsewhere"))
+    return clips_
+
+
+def crossing_clips() -> list[Clip]:
+    """Two squares cross while both are behind a wall for longer than SAM 2's memory (7 frames); the wall, drawn
+    last, stays in front. Different colours (appearance tells them apart) or the same (only motion can)."""
+    variants = [("speed1_colours_differ", 1.0, 1.0, YELLOW, 24, 24), ("speed1_same_colour", 1.0, 1.0, RED, 24, 24),
+                ("speed1.5_colours_differ_offset", 1.5, 1.5, YELLOW, 20, 28),
+                ("speeds1_1.5_same_colour", 1.0, 1.5, RED, 24, 24)]
+    clips_ = []
+    for name, left_speed, right_speed, colour, left_y, right_y in variants:
+        frames = int(np.ceil(60 / min(left_speed, right_speed)))
+        clips_.append(Clip(f"cross_while_hidden-{name}", {
+            1: Thing("square", RED, (8, 8), _across(4, left_y, left_speed, 0)),
+            2: Thing("square", colour, (8, 8), _across(60, right_y, -right_speed, 0)),
+            3: Thing("wall", GREEN, (40, 28), _still(32, 24))}, frames, kind="cross_while_hidden"))
+    return clips_
+
+
+def fast_clips() -> list[Clip]:
+    """Objects moving faster than their own size per frame, which the tracker keeps up with (64 x 96 frames)."""
+    frame_size, small = (64, 96), (6, 6)
+    variants = {
+        "bounce_horizontal_8px": {1: Thing("square", RED, small, _bounce((10, 30), (8, 0), small, frame_size))},
+        "bounce_diagonal_10px": {1: Thing("square", RED, small, _bounce((10, 10), (9, 7), small, frame_size))},
+        "two_opposite_9px": {1: Thing("square", RED, small, _bounce((8, 16), (9, 0), small, frame_size)),
+                             2: Thing("square", YELLOW, small, _bounce((88, 46), (-9, 0), small, frame_size))},
+        "bounce_13px_bigger": {1: Thing("disc", BLUE, (8, 8), _bounce((10, 40), (13, -5), (8, 8), frame_size))},
+    }
+    return [Clip(f"fast-{name}", things, 36, height=frame_size[0], width=frame_size[1], kind="fast")
+            for name, things in variants.items()]
+
+
+def fast_lost_clips() -> list[Clip]:
+    """An object that dashes faster than its own size per frame for a few frames: the tracker stand-in loses it
+    (SAM 2 can lose an object that jumps that far) and only a detection can bring it back (64 x 128 frames)."""
+    frame_size, size = (64, 128), (8, 8)
+    variants = [("right_3_frames_12px", (20, 20), (1, 0), (12, 0), 14, 3),
+                ("left_2_frames_16px", (100, 40), (-1, 0.5), (-16, 0), 9, 2),
+                ("down_3_frames_10px", (60, 8), (0.5, 0.5), (0, 10), 16, 3),
+                ("diagonal_4_frames_11px", (16, 10), (1, 0.5), (9, 6), 21, 4)]
+    return [Clip(f"fast_lost-{name}", {1: Thing("square", RED, size, _dash(start, slow, fast, when, length))}, 40,
+                 lose_fast=True, height=frame_size[0], width=frame_size[1], kind="fast_lost")
+            for name, start, slow, fast, when, length in variants]
+
+
+def enclosing_clips() -> list[Clip]:
+    """A bigger object appears behind a tracked one, its box enclosing it; the tracked mask covers 0.35-0.45 of the
+    newcomer's box (above match_iou 0.3). Ground-truth id 1 is drawn first: it is the one behind."""
+    variants = [("other_label_cover0.39", "box", BLUE, (16, 16), 6), ("other_label_cover0.45", "box", BLUE, (14, 16), 9),
+                ("same_label_other_colour_cover0.39", "square", GREEN, (16, 16), 7),
+                ("same_label_same_colour_cover0.35", "square", RED, (16, 18), 8),
+                ("other_label_moving_cover0.39", "box", ORANGE, (16, 16), 12)]
+    clips_ = []
+    for name, label, colour, size, start in variants:
+        moving = "moving" in name
+        small = _across(24, 22, 0.5, 0.25) if moving else _still(32, 24)
+        big = (lambda s=start: (lambda t: (24 + 0.5 * t, 22 + 0.25 * t) if t >= s else None))() if moving else _still(32, 24, start)
+        clips_.append(Clip(f"newcomer_encloses-{name}", {1: Thing(label, colour, size, big),
+                                                         2: Thing("square", RED, (10, 10), small)}, 36,
+                           kind="newcomer_encloses"))
+    return clips_
+
+
+def hard_clips() -> list[Clip]:
+    """Clips of the five kinds of case issue 24 reported, each in a few variants (speeds, directions, gaps, sizes)."""
+    return reentry_clips() + crossing_clips() + fast_clips() + fast_lost_clips() + enclosing_clips()
 
 
 def write_clip(clip: Clip, path: Path) -> Path:
     """The clip as an MP4 (the stand-ins read the ground truth, so compression does not matter)."""
     import cv2
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (WIDTH, HEIGHT))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (clip.width, clip.height))
     for frame in range(clip.frames):
         writer.write(cv2.cvtColor(clip.image(frame), cv2.COLOR_RGB2BGR))
     writer.release()
@@ -153,36 +300,56 @@ def write_clip(clip: Clip, path: Path) -> Path:
 
 
 class ScriptedTracker:
-    """Stands in for SAM 2 on a scripted clip (see the module docstring); same interface as StreamingTracker."""
+    """Stands in for SAM 2 on a scripted clip (see the module docstring); same interface as StreamingTracker.
 
-    def __init__(self, clip: Clip, memory_frames: int = 7, reacquire_lag: int = 3):
+    Its `appearance` is what the image looks like under a region: the mean colour (centred on the grey background,
+    unit length), as SAM 2's mask-pooled image embedding stands for what an object looks like; a clip whose
+    objects share a colour shows what identity does with no help from appearance. `use_appearance=False` leaves
+    the method out, as a tracker without one.
+    """
+
+    def __init__(self, clip: Clip, memory_frames: int = 7, reacquire_lag: int = 3, use_appearance: bool = True):
         self.clip, self.memory_frames, self.reacquire_lag = clip, memory_frames, reacquire_lag
+        self.size = (clip.height, clip.width)
         self.targets: dict[int, int | np.ndarray] = {}  # object id -> ground-truth id, or a phantom's mask
         self.hidden: dict[int, int] = {}  # object id -> frames in a row its object has been hidden
         self.seen_again: dict[int, int] = {}  # object id -> frames in a row visible since it was hidden
-        self.given_up: set[int] = set()  # hidden too long: not followed again until prompted again
+        self.given_up: set[int] = set()  # hidden too long (or too fast): not followed again until prompted again
+        self.prompted: dict[int, int] = {}  # object id -> frame it was last prompted on
         self.next_frame = 0  # the frame `track` is called with next (the detector runs before it)
         self.frames_held_peak = 1
         self.most_at_once = 0
+        if not use_appearance:
+            self.appearance = None
 
     @property
     def object_ids(self) -> list[int]:
         return list(self.targets)
 
+    def appearance(self, frame_index: int, frame_rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        colours = (self.clip.image(frame_index).astype(np.float64) - 128) / 128
+        weights = np.asarray(regions, np.float64).reshape(len(regions), -1)
+        pooled = weights @ colours.reshape(-1, 3) / np.maximum(weights.sum(axis=1, keepdims=True), 1)
+        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-9)).astype(np.float32)
+
     def add_objects(self, frame_index: int, object_ids: list[int], boxes_xyxy: np.ndarray) -> None:
         masks = self.clip.masks(frame_index)
         for object_id, box in zip(object_ids, np.asarray(boxes_xyxy)):
             x0, y0, x1, y1 = np.round(box).astype(int)
-            inside = {i: int(m[y0:y1, x0:x1].sum()) / max(int(m.sum()), 1) for i, m in masks.items()}
+            # the object most inside the box; of several wholly inside, the one the box frames (a box around a
+            # big object that encloses a small one is the big one's)
+            inside = {i: (round(int(m[y0:y1, x0:x1].sum()) / max(int(m.sum()), 1), 3), _box_iou1(box_of(m), box))
+                      for i, m in masks.items()}
             best = max(inside, key=inside.get, default=None)
-            if best is not None and inside[best] > 0.3:
+            if best is not None and inside[best][0] > 0.3:
                 self.targets[object_id] = best
             else:  # nothing under the box: SAM segments some small patch of background inside it
-                phantom = np.zeros((HEIGHT, WIDTH), bool)
+                phantom = np.zeros(self.size, bool)
                 cx, cy, half = (x0 + x1) // 2, (y0 + y1) // 2, max(min(x1 - x0, y1 - y0) // 6, 1)
                 phantom[cy - half:cy + half, cx - half:cx + half] = True
                 self.targets[object_id] = phantom
             self.hidden[object_id], self.seen_again[object_id] = 0, 0
+            self.prompted[object_id] = frame_index
             self.given_up.discard(object_id)
 
     def remove_objects(self, object_ids: list[int]) -> None:
@@ -193,14 +360,14 @@ class ScriptedTracker:
         from nbhelpers.seg.types import FrameMasks
 
         truth = self.clip.masks(frame_index)
-        masks = [self._follow(object_id, target, truth) for object_id, target in self.targets.items()]
+        masks = [self._follow(object_id, target, truth, frame_index) for object_id, target in self.targets.items()]
         self.next_frame = frame_index + 1
         self.most_at_once = max(self.most_at_once, len(self.targets))
-        return FrameMasks(list(self.targets), np.asarray(masks, bool).reshape(-1, HEIGHT, WIDTH),
+        return FrameMasks(list(self.targets), np.asarray(masks, bool).reshape(-1, *self.size),
                           np.ones(len(masks), np.float32))
 
-    def _follow(self, object_id: int, target: int | np.ndarray, truth: dict[int, np.ndarray]) -> np.ndarray:
-        empty = np.zeros((HEIGHT, WIDTH), bool)
+    def _follow(self, object_id: int, target: int | np.ndarray, truth: dict[int, np.ndarray], frame: int) -> np.ndarray:
+        empty = np.zeros(self.size, bool)
         if isinstance(target, np.ndarray):
             return target
         if target not in truth:
@@ -209,6 +376,8 @@ class ScriptedTracker:
             if self.hidden[object_id] > self.memory_frames:
                 self.given_up.add(object_id)
             return empty
+        if self.clip.lose_fast and self.prompted[object_id] != frame and self._jumped(target, frame):
+            self.given_up.add(object_id)  # it moved further than its own size since the last frame
         if object_id in self.given_up:
             return empty
         if self.hidden[object_id]:  # back after a short absence: re-acquired a few frames late
@@ -217,6 +386,15 @@ class ScriptedTracker:
                 return empty
             self.hidden[object_id] = 0
         return truth[target]
+
+    def _jumped(self, target: int, frame: int) -> bool:
+        thing = self.clip.things[target]
+        now, before = thing.centre(frame), thing.centre(frame - 1)
+        return now is not None and before is not None and float(np.hypot(now[0] - before[0], now[1] - before[1])) > max(thing.size)
+
+
+def _box_iou1(first: list[int], second: np.ndarray) -> float:
+    return float(_box_iou(np.asarray([first], float), np.asarray([second], float))[0, 0])
 
 
 class ScriptedDetector:
@@ -234,16 +412,16 @@ class ScriptedDetector:
             labels = [self.clip.things[i].label for i in truth]
             return FrameDetections(np.asarray([box_of(m) for m in truth.values()], np.float32).reshape(-1, 4),
                                    np.full(len(truth), 0.9, np.float32), labels, "grounding-dino")
-        blobs = [_loosen(box_of(m)) for m in truth.values()] or [[30, 4, 58, 30]]  # an empty frame: background
+        blobs = [_loosen(box_of(m), self.clip) for m in truth.values()] or [[30, 4, 58, 30]]  # an empty frame: background
         labels = [self.clip.things[i].label for i in truth] or [next(iter(self.clip.things.values())).label]
         return FrameDetections(np.asarray(blobs, np.float32), np.full(len(blobs), 0.5, np.float32), labels,
                                "clipseg-fallback")
 
 
-def _loosen(box: list[int]) -> list[float]:
+def _loosen(box: list[int], clip: Clip) -> list[float]:
     """A CLIPSeg region's box: 2.5 times the object's width and height (its low-resolution map spreads)."""
     cx, cy, w, h = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0], box[3] - box[1]
-    return [max(cx - 1.25 * w, 0), max(cy - 1.25 * h, 0), min(cx + 1.25 * w, WIDTH), min(cy + 1.25 * h, HEIGHT)]
+    return [max(cx - 1.25 * w, 0), max(cy - 1.25 * h, 0), min(cx + 1.25 * w, clip.width), min(cy + 1.25 * h, clip.height)]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -283,11 +461,17 @@ def _box_iou(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- running
 
 
-def run_clip(clip: Clip, models, sam_video, workdir: Path, redetect_every: int = 5, **video_options) -> tuple[dict, ScriptedTracker]:
-    """segment_video on the clip with the stand-ins; returns (tracks.json, the tracker stand-in)."""
+def run_clip(clip: Clip, models, sam_video, workdir: Path, redetect_every: int = 5, use_appearance: bool = True,
+             **video_options) -> tuple[dict, ScriptedTracker]:
+    """segment_video on the clip with the stand-ins; returns (tracks.json, the tracker stand-in).
+
+    Args:
+        use_appearance: False = a tracker stand-in without `appearance` (identity by place and motion only).
+        video_options: VideoSettings fields.
+    """
     from nbhelpers.seg.video import segment as segment_module
 
-    tracker = ScriptedTracker(clip)
+    tracker = ScriptedTracker(clip, use_appearance=use_appearance)
     workdir.mkdir(parents=True, exist_ok=True)
     original = segment_module.StreamingTracker
     segment_module.StreamingTracker = lambda *args, **kwargs: tracker
@@ -306,7 +490,7 @@ def run_clip(clip: Clip, models, sam_video, workdir: Path, redetect_every: int =
     return json.loads(Path(result.files["tracks"]).read_text()), tracker
 
 
-def measure(workdir: Path, label: str) -> list[dict]:
+def measure(workdir: Path, label: str, only: str = "", use_appearance: bool = True) -> list[dict]:
     from nbhelpers.seg.models import load_models, load_sam2_video
     from nbhelpers.testing import build_tiny_segmentation_models
 
@@ -315,9 +499,10 @@ def measure(workdir: Path, label: str) -> list[dict]:
     models = load_models(dino=dirs["dino"], sam=dirs["sam"], clipseg=dirs["clipseg"], device="cpu")
     sam_video = load_sam2_video(dirs["sam"])
     records = []
-    for clip in clips():
-        tracks, tracker = run_clip(clip, models, sam_video, workdir)
-        record = {"clip": clip.name, "code": label, "ground_truth_objects": len(clip.things)} | score(clip, tracks["objects"])
+    for clip in [clip for clip in clips() + hard_clips() if only in clip.name]:
+        tracks, tracker = run_clip(clip, models, sam_video, workdir, use_appearance=use_appearance)
+        record = {"clip": clip.name, "kind": clip.kind, "code": label, "appearance": use_appearance,
+                  "ground_truth_objects": len(clip.things)} | score(clip, tracks["objects"])
         record |= {"most_objects_at_once": tracker.most_at_once, "max_objects": clip.max_objects}
         print(json.dumps(record), flush=True)
         records.append(record)
@@ -327,6 +512,9 @@ def measure(workdir: Path, label: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--code-from", metavar="REV", help="run the nbhelpers of this git revision instead")
+    parser.add_argument("--clips", default="", metavar="TEXT", help="only the clips whose name contains TEXT")
+    parser.add_argument("--no-appearance", action="store_true",
+                        help="a tracker stand-in without appearance descriptors (place and motion only)")
     args = parser.parse_args()
     if args.code_from:
         with tempfile.TemporaryDirectory(prefix="tracking_quality_") as temp:
@@ -334,9 +522,10 @@ def main() -> None:
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", temp], input=archive, check=True)
             env = dict(os.environ, PYTHONPATH=temp, TRACKING_QUALITY_LABEL=f"before ({args.code_from})")
-            sys.exit(subprocess.run([sys.executable, __file__], env=env).returncode)
+            options = ["--clips", args.clips] + (["--no-appearance"] if args.no_appearance else [])
+            sys.exit(subprocess.run([sys.executable, __file__, *options], env=env).returncode)
     with tempfile.TemporaryDirectory(prefix="tracking_quality_") as temp:
-        measure(Path(temp), os.environ.get("TRACKING_QUALITY_LABEL", "this checkout"))
+        measure(Path(temp), os.environ.get("TRACKING_QUALITY_LABEL", "this checkout"), args.clips, not args.no_appearance)
 
 
 if __name__ == "__main__":

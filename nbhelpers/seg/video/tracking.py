@@ -79,6 +79,38 @@ class StreamingTracker:
         session.obj_with_new_inputs = [i for i in session.obj_with_new_inputs if i in old_index]
 
     @torch.inference_mode()
+    def appearance(self, frame_index: int, frame_rgb: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        """What each region of a frame looks like: SAM 2's image embedding (its last, lowest-resolution feature
+        map) averaged under the region, as unit vectors. The embedding is the one `track` computes for the
+        frame: it is cached in the session, so whichever of the two runs first pays for it.
+
+        Args:
+            frame_index: the frame `track` is (or was last) called with. regions: (N, H, W) bool at the video's size.
+        Returns:
+            (N, C) float32, unit length (a region too small to cover any feature cell gives a zero row).
+        """
+        features = self._image_embedding(frame_index, frame_rgb)  # (C, h, w)
+        weights = torch.as_tensor(np.asarray(regions, np.float32)[:, None], device=features.device)
+        weights = torch.nn.functional.interpolate(weights, size=features.shape[-2:], mode="area")[:, 0]
+        pooled = torch.einsum("nhw,chw->nc", weights, features) / weights.sum((1, 2)).clamp_min(1e-6)[:, None]
+        return torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+
+    def _image_embedding(self, frame_index: int, frame_rgb: np.ndarray) -> torch.Tensor:
+        """(C, h, w) float32 image embedding of the frame, from the session's cache or computed into it exactly as
+        Sam2VideoModel._prepare_vision_features would, so that tracking the frame reuses it."""
+        cache = self.session.cache
+        cached = cache.get_vision_features(frame_index)
+        if cached is None:
+            processor, model = self.loaded.processor, self.loaded.model
+            pixels = processor(images=frame_rgb, device=self.loaded.device, return_tensors="pt").pixel_values
+            image = model.get_image_features(pixels.to(self.loaded.device, self.loaded.dtype), return_dict=True)
+            cached = {"vision_feats": image.fpn_hidden_states, "vision_pos_embeds": image.fpn_position_encoding}
+            cache.cache_vision_features(frame_index, cached)
+        height, width = self.loaded.model.config.vision_config.backbone_feature_sizes[-1]
+        embedding = cached["vision_feats"][-1][:, 0]  # (h * w, C): flattened as get_image_features leaves it
+        return embedding.float().T.reshape(-1, height, width)
+
+    @torch.inference_mode()
     def track(self, frame_index: int, frame_rgb: np.ndarray) -> FrameMasks:
         """Propagate every object to this frame (frame indices must increase by one per call)."""
         assert frame_rgb.shape[:2] == self.size, f"frame {frame_rgb.shape[:2]} != video size {self.size}"
