@@ -72,7 +72,7 @@ class _VideoRun:
             return
         if not len(found.labels):
             return
-        prompts = self.identities.assign(frame, found)
+        prompts = self.identities.assign(frame, found, self.describer(frame, frame_rgb))
         if prompts.drop:
             self.tracker.remove_objects(prompts.drop)
         if prompts.ids:
@@ -83,7 +83,7 @@ class _VideoRun:
         if self.detection_due(frame):
             self.prompt_objects(frame, frame_rgb)
         result = self.tracker.track(frame, frame_rgb)
-        leaving = self.identities.record(frame, result)
+        leaving = self.identities.record(frame, result, self.describer(frame, frame_rgb))
         if leaving:
             self.tracker.remove_objects(leaving)
         return result
@@ -92,6 +92,11 @@ class _VideoRun:
     def objects_now(self) -> int:
         """Objects in the session now (the progress bar shows it)."""
         return len(self.identities.active)
+
+    def describer(self, frame: int, frame_rgb: np.ndarray):
+        """Appearance descriptors of regions of this frame from the tracker's image features; None if it has none."""
+        appearance = getattr(self.tracker, "appearance", None)  # test stand-ins may have none
+        return None if appearance is None else lambda masks: appearance(frame, frame_rgb, masks)
 
     def drawing(self, frame: int, result: FrameMasks) -> tuple[Segmentation, list[int]] | None:
         return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam2-video")
