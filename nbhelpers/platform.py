@@ -395,6 +395,49 @@ def _pick_precision(device: torch.device, precision: str) -> torch.dtype | None:
     return None  # P100 and older: no fast half precision path worth the risk
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that new tensors on `device` can take now, or None where this cannot be told.
+
+    CUDA: the device's free memory plus what PyTorch's cache holds unused. CPU and MPS (which shares the RAM):
+    the RAM the kernel can hand out (MemAvailable), capped by a container's memory limit.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type not in ("cpu", "mps"):
+        return None
+    ram = None
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file if ":" in line)
+        ram = int(fields["MemAvailable"].split()[0]) * 1024  # in kB there
+    except (OSError, KeyError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no /proc: free pages, where the OS reports them
+            ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = _cgroup_room()
+    return room if ram is None else ram if room is None else min(ram, room)
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """A container's memory limit minus its use, page cache it may drop not counted; None when there is no limit.
+
+    Kaggle and Docker limit a container below the machine's RAM, which is all /proc/meminfo shows.
+    """
+    layouts = [("memory.max", "memory.current", "inactive_file"),  # cgroup v2
+               ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file")]  # v1
+    for limit_name, usage_name, cache_key in layouts:
+        try:
+            limit_text = (root / limit_name).read_text().strip()
+            if limit_text == "max":
+                return None
+            limit, usage = int(limit_text), int((root / usage_name).read_text())
+            stat = dict(line.split() for line in (root / limit_name).with_name("memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        return None if limit >= 1 << 60 else max(0, limit - usage + int(stat.get(cache_key, 0)))  # v1: huge = none
+    return None
+
+
 _announced: set[tuple] = set()
 
 

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import itertools
+import re
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nbhelpers.vit.config import ModelConfig
-from nbhelpers.vit.model import VisionTransformer
+from nbhelpers.platform import Runtime, available_memory, select_runtime
+from nbhelpers.vit.config import ModelConfig, build_config
+from nbhelpers.vit.model import BACKWARD_PEAK, VisionTransformer, count_parameters, estimate_training_memory, token_grid_side
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -167,3 +170,93 @@ def test_tiny_model_overfits_a_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
     assert (model(images).argmax(1) == labels).float().mean() == 1.0
+
+
+# ----------------------------------------------------------------------------- memory estimate and refusal (issue 22)
+
+
+@pytest.mark.parametrize("tokenizer,pool,pos_embed,lsa,layerscale", PAIRWISE)
+def test_parameter_count_from_the_config_matches_the_built_model(tokenizer, pool, pos_embed, lsa, layerscale):
+    for conv_layers in (1, 3):
+        config = tiny(tokenizer=tokenizer, pool=pool, pos_embed=pos_embed, lsa=lsa, layerscale=layerscale, conv_layers=conv_layers)
+        model = VisionTransformer(config)
+        assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+        assert token_grid_side(config) ** 2 + (pool == "cls") == model.num_tokens
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("overrides", [dict(dim=64, depth=3, heads=2, mlp_dim=128, patch_size=4, batch_size=8),
+                                       dict(dim=96, depth=2, heads=4, mlp_dim=384, patch_size=8, batch_size=16, tokenizer="spt", lsa=True)])
+def test_activation_estimate_tracks_what_autograd_saves(overrides, autocast):
+    """The per-block formula against the bytes autograd really keeps for backward (peak RSS is checked in the report)."""
+    config = build_config("smoke", **overrides)
+    model = VisionTransformer(config.model)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(torch.randn(config.train.batch_size, 3, 32, 32)).float().sum()
+    estimate = estimate_training_memory(config, autocast)
+    ratio = estimate.activation_bytes / BACKWARD_PEAK / sum(saved.values())
+    assert 0.6 < ratio < 1.6, f"estimate {estimate.activation_bytes / BACKWARD_PEAK:,.0f} B vs saved {sum(saved.values()):,} B"
+    doubled = estimate_training_memory(build_config("smoke", **(overrides | {"batch_size": 2 * overrides["batch_size"]})), autocast)
+    assert doubled.activation_bytes == pytest.approx(2 * estimate.activation_bytes, rel=0.01)
+
+
+def test_a_config_that_cannot_fit_is_refused_with_the_estimate_and_a_depth_that_fits(monkeypatch):
+    from nbhelpers.vit import model as model_module
+
+    runtime = select_runtime("cpu", verbose=False)
+    assert VisionTransformer.check_training_memory(build_config("smoke"), runtime).total_bytes < available_memory(runtime.device)
+    free = 4 * 10**9  # other processes change this machine's free memory between calls: hold it still
+    monkeypatch.setattr(model_module, "available_memory", lambda device: free)
+    with pytest.raises(ValueError) as refused:
+        VisionTransformer.check_training_memory(build_config("smoke", depth=1_000_000), runtime)
+    message = str(refused.value)
+    assert "\n" not in message and re.search(r"needs about [\d,.]+ GB .* but 4.0 GB is free", message), message
+    fitting = int(re.search(r"DEPTH=(\d+) would fit", message).group(1))
+    assert VisionTransformer.check_training_memory(build_config("smoke", depth=fitting), runtime).total_bytes <= free
+    with pytest.raises(ValueError, match=f"DEPTH={fitting} would fit"):
+        VisionTransformer.check_training_memory(build_config("smoke", depth=fitting + 1), runtime)
+
+
+def test_on_a_gpu_the_free_device_memory_decides(monkeypatch):
+    # No GPU here: the device's memory query stands in for a 16 GB T4 with 15 GB free (and 1 GB cached by PyTorch, unused).
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15 * 10**9, 16 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10**9)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    runtime = Runtime(torch.device("cuda"), torch.float16, True, False, "a T4")
+    assert VisionTransformer.check_training_memory(build_config("fast"), runtime).total_bytes < 16 * 10**9
+    with pytest.raises(ValueError, match=r"cannot train on cuda: .* but 16.0 GB is free. Make it smaller: lower DIM=384"):
+        VisionTransformer.check_training_memory(build_config("fast", batch_size=8192), runtime)
+
+
+def test_the_cli_refuses_a_million_blocks_in_seconds_before_building_any(tmp_path, monkeypatch, capsys):
+    # python -m nbhelpers.vit --preset smoke --set depth=1000000: the process grew to 23 GB
+    from nbhelpers.vit import model as model_module
+    from nbhelpers.vit.__main__ import main
+
+    class Tripwire(model_module.Block):  # stops the old behaviour long before it fills the machine's memory
+        built = 0
+
+        def __init__(self, *args, **kwargs):
+            Tripwire.built += 1
+            assert Tripwire.built <= 100, "the model is being built block by block: the memory check did not run"
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "Block", Tripwire)
+    start = time.monotonic()
+    code = main(["--preset", "smoke", "--set", "depth=1000000", "--out", str(tmp_path), "--device", "cpu", "--no-plots"])
+    printed = capsys.readouterr()
+    assert code == 2 and time.monotonic() - start < 60 and Tripwire.built == 0
+    errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in printed.err, printed.err
+    assert "cannot train on cpu" in errors[0] and "--set depth=" in errors[0] and "would fit" in errors[0]
+    assert not (tmp_path / ".run.lock").exists() and not (tmp_path / "last.pt").exists()

@@ -227,3 +227,31 @@ def test_a_lock_still_being_filled_by_a_live_run_is_not_taken_over(tmp_path, mon
     finally:
         filler.join()
     assert json.loads(lock.read_text())["started"] == "now"
+
+
+# ----------------------------------------------------------------------------- free memory (issue 22: model size check)
+
+
+def test_cpu_free_memory_is_what_the_kernel_reports(monkeypatch):
+    free = platform.available_memory(torch.device("cpu"))
+    if Path("/proc/meminfo").exists():
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(fields["MemTotal"].split()[0]) * 1024
+        assert 0 < free <= total
+    monkeypatch.setattr(platform, "_cgroup_room", lambda: 12345)  # a container with little room left caps it
+    assert platform.available_memory(torch.device("cpu")) == 12345
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_a_containers_memory_limit_caps_the_free_memory(tmp_path, layout):
+    # Kaggle and Docker limit a container below the machine's RAM; this test writes such a cgroup's files.
+    files = {"v2": {"memory.max": "30000000000", "memory.current": "8000000000", "memory.stat": "anon 6000000000\ninactive_file 1000000000\n"},
+             "v1": {"memory/memory.limit_in_bytes": "30000000000", "memory/memory.usage_in_bytes": "8000000000",
+                    "memory/memory.stat": "cache 2000000000\ntotal_inactive_file 1000000000\n"}}[layout]
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert platform._cgroup_room(tmp_path) == 30_000_000_000 - 8_000_000_000 + 1_000_000_000
+    (tmp_path / list(files)[0]).write_text("max\n" if layout == "v2" else str(2**63 - 4096))  # no limit set
+    assert platform._cgroup_room(tmp_path) is None
+    assert platform._cgroup_room(tmp_path / "nothing-here") is None

@@ -8,13 +8,16 @@ DropPath and optional LayerScale, and cls / mean / sequence pooling.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ModelConfig, validate_model
+from nbhelpers.platform import Runtime, available_memory
+
+from .config import Config, ModelConfig, validate_model
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -183,6 +186,34 @@ class VisionTransformer(nn.Module):
 
     TOKEN_PARAMETERS = frozenset({"cls_token", "pos_embed"})
 
+    @staticmethod
+    def check_training_memory(config: Config, runtime: Runtime, world_size: int = 1) -> "MemoryEstimate":
+        """Refuse, before anything is allocated, a configuration whose training cannot fit the device's free memory.
+
+        Args:
+            config: model and train settings (batch size, EMA, data set size) of the run.
+            runtime: the device and precision it runs with.
+            world_size: processes sharing each batch (DDP): each holds the model and its share of the batch.
+        Returns:
+            The estimate. Raises ValueError (bad input: the CLI exits 2) giving the estimate, the free memory and the fix.
+        """
+        autocast = runtime.amp_dtype is not None
+        estimate = estimate_training_memory(config, autocast, world_size)
+        free = available_memory(runtime.device)
+        if free is None or estimate.total_bytes <= free:
+            return estimate
+        model, train = config.model, config.train
+        shallow = [estimate_training_memory(replace(config, model=replace(model, depth=depth)), autocast, world_size).total_bytes
+                   for depth in (0, 1)]
+        fitting = int((free - shallow[0]) // (shallow[1] - shallow[0]))
+        hint = f"DEPTH={fitting} would fit with the other settings unchanged" if 1 <= fitting < model.depth else \
+            f"lower DIM={model.dim}, MLP_DIM={model.mlp_dim} or BATCH_SIZE={train.batch_size}"
+        raise ValueError(
+            f"This model cannot train on {runtime.device.type}: it needs about {_gigabytes(estimate.total_bytes)} "
+            f"({estimate.parameters:,} parameters: {_gigabytes(estimate.weight_bytes)} with their gradients and optimizer state; "
+            f"{_gigabytes(estimate.activation_bytes)} of activations per batch) but {_gigabytes(free)} is free. "
+            f"Make it smaller: {hint}.")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         validate_model(config)
@@ -284,3 +315,85 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay: norms, biases, LayerScale, LSA scales, class token, positions."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1 or name in self.TOKEN_PARAMETERS}
+
+
+# ----------------------------------------------------------------------------- memory estimate (no allocation)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one training process holds on its device, in bytes, estimated from the config alone."""
+
+    parameters: int  # trainable parameters
+    weight_bytes: int  # weights, gradients, AdamW's two moments, the EMA copy, autocast's half-precision copies
+    activation_bytes: int  # one training step's peak for this process's share of a batch (saved tensors + backward)
+    data_bytes: int  # the uint8 data set, which lives on the device
+    overhead_bytes: int  # libraries' workspaces and buffers made on first use
+    total_bytes: int
+
+
+def token_grid_side(config: ModelConfig) -> int:
+    """Side of the token grid each tokenizer produces (the 'conv' stem halves the side per stage, rounding up)."""
+    if config.tokenizer != "conv":
+        return config.image_size // config.patch_size
+    side = config.image_size
+    for _ in range(config.conv_layers):
+        side = (side - 1) // 2 + 1
+    return side
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """VisionTransformer(config)'s parameter count, computed without building it."""
+    dim, mlp, patch = config.dim, config.mlp_dim, config.patch_size
+    if config.tokenizer == "patch":
+        tokenizer = 3 * patch * patch * dim + dim
+    elif config.tokenizer == "spt":
+        features = 15 * patch * patch
+        tokenizer = 2 * features + features * dim + dim
+    else:
+        widths = [3] + [64] * (config.conv_layers - 1) + [dim]  # ConvTokenizer's hidden width is 64
+        tokenizer = sum(9 * w_in * w_out for w_in, w_out in zip(widths[:-1], widths[1:]))
+    tokens = token_grid_side(config) ** 2 + (config.pool == "cls")
+    block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (2 * dim * mlp + mlp + dim)
+    block += 2 * dim * bool(config.layerscale) + int(config.lsa)
+    extras = dim * (config.pool == "cls") + tokens * dim * (config.pos_embed == "learned") + dim * (config.pool == "seqpool")
+    return tokenizer + extras + config.depth * block + 2 * dim + dim * config.num_classes + config.num_classes
+
+
+# Bytes one sample keeps for the backward pass per block, per (token x dim), (token x mlp_dim) and (head x token^2)
+# element: fp32 saves the residual, both norms' outputs, q/k/v, the attention output and projection input, and the
+# MLP's hidden layer twice; autocast keeps most of them in 16 bits. Within 20% of the bytes autograd saved for
+# backward in configurations checked on a CPU (the attention term is what the math attention path keeps; flash
+# attention keeps less).
+_ACTIVATION_BYTES = {False: (36, 8, 4), True: (22, 4, 2)}  # autocast: (N*D, N*M, H*N^2) multipliers
+BACKWARD_PEAK = 1.4  # peak activation memory over what is saved: the backward pass's gradients and temporaries
+RUNTIME_OVERHEAD_BYTES = 256 * 10**6  # first-use workspaces and buffers: 225-260 MB measured on a CPU
+
+
+def estimate_training_memory(config: Config, autocast: bool, world_size: int = 1) -> MemoryEstimate:
+    """Memory of one training process, from the config alone (nothing is allocated).
+
+    Args:
+        autocast: whether the forward pass runs under bf16/fp16 autocast.
+        world_size: processes sharing each batch.
+    Returns:
+        MemoryEstimate.
+    """
+    model, train = config.model, config.train
+    parameters = count_parameters(model)
+    copies = 4 + (train.ema_decay > 0)  # weights, gradients, 2 AdamW moments, EMA: fp32 each
+    weight_bytes = parameters * (4 * copies + 2 * autocast)
+    tokens = token_grid_side(model) ** 2 + 1
+    per_token, per_hidden, per_score = _ACTIVATION_BYTES[autocast]
+    per_block = tokens * (per_token * model.dim + per_hidden * model.mlp_dim) + per_score * model.heads * tokens ** 2
+    per_sample = model.depth * per_block + 16 * tokens * model.dim + 24 * 3 * model.image_size ** 2  # + tokenizer, head, augmentation
+    activation_bytes = int(BACKWARD_PEAK * per_sample * max(1, train.batch_size // world_size))
+    images = 60_000 if train.dataset == "cifar10" else train.synthetic_train_size + train.synthetic_test_size
+    data_bytes = images * 3 * model.image_size ** 2
+    total = weight_bytes + activation_bytes + data_bytes + RUNTIME_OVERHEAD_BYTES
+    return MemoryEstimate(parameters=parameters, weight_bytes=weight_bytes, activation_bytes=activation_bytes,
+                          data_bytes=data_bytes, overhead_bytes=RUNTIME_OVERHEAD_BYTES, total_bytes=total)
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:,.1f} GB" if count >= 1e8 else f"{count / 1e6:,.0f} MB"
