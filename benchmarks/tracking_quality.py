@@ -2,6 +2,7 @@
 
     python benchmarks/tracking_quality.py                     # this checkout's code
     python benchmarks/tracking_quality.py --code-from f4bb0ea # the same clips through an older commit's code
+    python benchmarks/tracking_quality.py --clips fast --no-appearance  # some clips; a tracker without descriptors
 
 Each clip is drawn here with known object ids and masks (48x64 px, 12 fps), with the events that break
 identities: an object that leaves the frame and comes back, one hidden behind another for longer than SAM 2's
@@ -14,6 +15,13 @@ coming and going under a small MAX_OBJECTS. `segment_video` runs on each with tw
   follows the object under it with its exact mask, loses it when it is hidden for more than `memory_frames`
   (SAM 2's mask memory: 7 frames), re-acquires it by itself `reacquire_lag` frames after a shorter absence, and
   follows a box on no object as a phantom (a small mask inside the box, as SAM does with a loose blob).
+`hard_clips()` adds the five kinds of case issue 24 reported, each in a few variants (speeds, directions, gaps,
+sizes, colours): an object that leaves on one side and comes back on the other (`reenters_elsewhere`), two squares
+crossing while both are behind a wall past SAM 2's memory (`cross_while_hidden`), objects faster than their own
+size per frame (`fast`), such an object dashing while a tracker stand-in that loses anything moving more than its
+size in one frame follows it (`fast_lost`), and a bigger object appearing behind a tracked one, its box enclosing
+it (`newcomer_encloses`). The tracker stand-in's `appearance` is the mean colour under a region (SAM 2's is its
+mask-pooled image embedding); `--no-appearance` runs without it, to show what place and motion alone do.
 Scores come from py-motmetrics (`motmetrics`): IDF1, ID switches, false positives, misses, MOTA, plus the
 number of false tracks (ids never matched to a ground-truth object) and the most objects held at once.
 py-motmetrics was picked over TrackEval because it scores in memory from per-frame ids and distances (TrackEval
