@@ -82,9 +82,6 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "OUT_DIR") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # no free blocks or inodes: the fix is space, not permissions
-            raise DiskFullError(f"{what}={str(path)!r} has no space left ({error.strerror}). "
-                                f"Free some space there or choose another {what}.") from None
         raise PermissionError(
             f"{what}={str(path)!r} cannot be written ({error.strerror or error}). "
             f"Set {what} to a writable folder, e.g. /kaggle/working/outputs on Kaggle or /content/outputs on Colab."
