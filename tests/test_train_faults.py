@@ -1,7 +1,8 @@
 """Training faults (issue 11): divergence, shared OUT_DIR, full disk, stale temp files, stop signals, malformed
-checkpoints, bad parameters at the CLI, the time estimate. Tiny runs: 128 synthetic images, 2-4 steps an epoch."""
+checkpoints, bad parameters at the CLI (the time estimate: test_pacing.py). Tiny runs: 128 synthetic images, 2-4 steps an epoch."""
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,8 @@ from nbhelpers.vit import train as train_module
 from nbhelpers.vit.__main__ import main
 from nbhelpers.vit.checkpoint import CheckpointError, REPORT_FILES, load_checkpoint, save_last
 from nbhelpers.vit.config import build_config
-from nbhelpers.vit.train import build_state, fit, lr_at
+from nbhelpers.vit.state import Schedule
+from nbhelpers.vit.train import build_state, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +68,7 @@ def test_a_divergence_keeps_the_last_finite_checkpoint_and_a_lower_lr_may_resume
     assert resumed.status == "finished" and resumed.step == 12
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
     # the schedule continues at the new peak: after epoch 2 (8 of 12 steps, warm-up over after 4) the next lr is step 8's
-    assert resumed.history[1]["lr"] == pytest.approx(lr_at(8, 12, 4, 1e-3, 1e-5))
+    assert resumed.history[1]["lr"] == pytest.approx(Schedule(12, 4, 1e-3, 1e-5).lr(8))
 
 
 def test_no_save_writes_non_finite_weights(tmp_path):
@@ -232,38 +234,25 @@ def test_cli_speaks_in_flags_and_refuses_a_missing_gpu_with_exit_2(tmp_path, mon
     assert "--epochs 'ten' must be a whole number" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- 2: time estimate
+@pytest.mark.parametrize("name, value, expected", [
+    ("label_smoothing", 1.0, "LABEL_SMOOTHING=1.0 must be below 1"), ("num_classes", 1, "NUM_CLASSES=1 must be at least 2"),
+])
+def test_a_value_out_of_range_is_refused_when_the_config_is_built(name, value, expected):
+    # These passed build_config and were refused only by GpuAugment's own checks, after fit() had loaded the data.
+    with pytest.raises(ValueError, match=re.escape(expected) + r" \(the preset's value is"):
+        build_config("smoke", **{name: value})
 
 
-class FakeClock:
-    """perf_counter / monotonic for the training loop that advance only as the stubbed device 'computes'."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-    def monotonic(self):
-        return self.now
-
-
-@pytest.mark.parametrize("seconds_per_step, expected, hint", [(20.0, "8.9 h", True), (0.05, "80 s", False)])
-def test_the_first_logging_window_prints_the_estimated_time(tmp_path, monkeypatch, capsys, seconds_per_step, expected, hint):
-    clock = FakeClock()
-    original = train_module.make_train_step
-
-    def slow_device(*args):
-        step = original(*args)
-
-        def timed(*step_args):
-            clock.now += seconds_per_step  # the stubbed device speed
-            return step(*step_args)
-        return timed
-
-    monkeypatch.setattr(train_module, "time", clock)
-    monkeypatch.setattr(train_module, "make_train_step", slow_device)
-    fit(tiny(tmp_path, epochs=400, stop_after_epochs=1, warmup_epochs=0))  # 1600 steps; only the first 4 run
+def test_everything_the_cli_prints_names_its_flags_and_advice_names_only_what_would_change(tmp_path, capsys):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    args = ["--preset", "smoke", "--device", "cpu", "--no-plots", "--epochs", "1", "--batch-size", "32",
+            "--set", "synthetic_train_size=128", "--set", "synthetic_test_size=64", "--set", "log_every=2"]
+    assert main(args + ["--out", str(tmp_path), "--fresh"]) == 0
     printed = capsys.readouterr().out
-    assert f"estimated training time on this device: {expected} (1,600 steps" in printed
-    assert ('PRESET="smoke"' in printed and "GPU platform" in printed) == hint
+    assert "--fresh: moved last.pt aside to last.pt.old-" in printed and "FRESH" not in printed
+    # A divergence in fp32 (the CPU's default) with clipping on: only a lower --lr would change anything.
+    assert main(args + ["--out", str(tmp_path / "fp32"), "--lr", "1e6"]) == 1
+    error = capsys.readouterr().err
+    assert "Lower --lr (now 1e+06), then run again" in error and "--precision" not in error and "grad_clip" not in error
+    assert main(args + ["--out", str(tmp_path / "bf16"), "--lr", "1e6", "--precision", "bf16", "--set", "grad_clip=0"]) == 1
+    assert "Lower --lr (now 1e+06), pass --set grad_clip=1.0 or pass --precision 'fp32', then" in capsys.readouterr().err

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import re
 import sys
+from typing import Callable, TextIO
 
 from nbhelpers import distributed
 from nbhelpers.platform import DiskFullError, RunLockedError, StopRequested
@@ -50,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def as_cli_wording(message: str, parser: argparse.ArgumentParser) -> str:
-    """Rewrite the notebook's parameter names in a message as this CLI's flags: FRESH=True -> --fresh, LR -> --lr."""
+def cli_wording(parser: argparse.ArgumentParser) -> Callable[[str], str]:
+    """A rewrite of the notebook's parameter names in a message as this CLI's flags: FRESH=True -> --fresh, LR -> --lr."""
     flags = {action.dest.upper(): action for action in parser._actions if action.option_strings}
+    sections = build_config("smoke").to_dict()
+    fields = {name.upper() for section in ("model", "augment", "train") for name in sections[section]}
+    names = "|".join(sorted(map(re.escape, set(flags) | fields), key=len, reverse=True))
+    pattern = re.compile(rf"\b({names})\b(?:=('[^']*'|[^\s,;:)]+?)(?=[\s,;:)]|\.(?:\s|$)|$))?")
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
@@ -63,16 +70,41 @@ def as_cli_wording(message: str, parser: argparse.ArgumentParser) -> str:
             return action.option_strings[0]
         return action.option_strings[0] + (f" {value}" if value is not None else "")
 
-    sections = build_config("smoke").to_dict()
-    fields = {name.upper() for section in ("model", "augment", "train") for name in sections[section]}
-    names = "|".join(sorted(map(re.escape, set(flags) | fields), key=len, reverse=True))
-    flagged = re.sub(rf"\b({names})\b(?:=('[^']*'|[^\s,;)]+?)(?=[\s,;)]|\.(?:\s|$)|$))?", flag, message)
-    return re.sub(r"\b([Ss])et (--)", lambda match: ("P" if match.group(1) == "S" else "p") + "ass " + match.group(2), flagged)
+    def rewrite(message: str) -> str:
+        flagged = pattern.sub(flag, message)
+        return re.sub(r"\b([Ss])et (--)", lambda match: ("P" if match.group(1) == "S" else "p") + "ass " + match.group(2), flagged)
+
+    return rewrite
+
+
+class FlagWording(io.TextIOBase):
+    """A text stream that writes through `rewrite`: everything fit() prints reaches the CLI user in flag names."""
+
+    def __init__(self, stream: TextIO, rewrite: Callable[[str], str]):
+        super().__init__()
+        self.stream, self.rewrite = stream, rewrite
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.stream.write(self.rewrite(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rewrite = cli_wording(parser)
+    with contextlib.redirect_stdout(FlagWording(sys.stdout, rewrite)):
+        return run(args, rewrite)
+
+
+def run(args: argparse.Namespace, rewrite: Callable[[str], str]) -> int:
+    """Build the config and train; every refusal is one line on stderr in flag names, with the exit code for it."""
     overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "set", "config_file")}
     try:
         for item in args.set:
@@ -85,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         main_process = distributed.is_main()
         distributed.shutdown()
     except (ValueError, FileNotFoundError, PermissionError, CheckpointError, RunLockedError, DiskFullError) as error:
-        print(f"error: {as_cli_wording(str(error), parser)}", file=sys.stderr)
+        print(f"error: {rewrite(str(error))}", file=sys.stderr)
         return 2
     except FloatingPointError as error:  # training diverged; the message says which checkpoint is kept
-        print(f"error: {as_cli_wording(str(error), parser)}", file=sys.stderr)
+        print(f"error: {rewrite(str(error))}", file=sys.stderr)
         return 1
     except StopRequested as stop:  # last.pt was saved and "stopped at step N" printed
         return stop.exit_code

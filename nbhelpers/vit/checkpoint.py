@@ -107,15 +107,6 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
     return allowed
 
 
-def rebase_learning_rate(state: TrainState, lr: float) -> None:
-    """Make a resumed schedule peak at `lr`: the scheduler's multipliers come from the current config, its base from here."""
-    for group in state.optimizer.param_groups:
-        group["initial_lr"] = lr
-    state.scheduler.base_lrs = [lr] * len(state.optimizer.param_groups)
-    state.scheduler.last_epoch -= 1
-    state.scheduler.step()  # recomputes every group's lr at the same step from the new base
-
-
 def move_aside(path: Path) -> Path | None:
     """Rename an unwanted checkpoint to `<name>.old-<timestamp>` instead of deleting it."""
     if not path.exists():
@@ -167,23 +158,27 @@ def restore_or_start(state: TrainState, config: Config, out_dir: Path) -> None:
         raise corrupt_error(last, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
     if not state.weights_are_finite():
         raise corrupt_error(last, "its weights are NaN or infinite, written before finite checks existed")
-    if changed:
-        rebase_learning_rate(state, config.train.lr)
+    if changed:  # the schedule's peak and floor come from the config, so the LR follows at once
         print(f"Resuming with changed optimisation settings ({'; '.join(changed)}).")
     print(f"Resumed from {last} at step {state.step} ({state.position()}).")
 
 
 def divergence_error(state: TrainState, config: Config, out_dir: Path, cause: str) -> FloatingPointError:
-    """Training diverged: say what is kept (true whether or not a checkpoint exists) and which settings to change."""
+    """Training diverged: say what is kept (true whether or not a checkpoint exists) and which settings to change.
+
+    Only changes that would make a difference are named: GRAD_CLIP when clipping is off, PRECISION when autocast is on.
+    """
     last = out_dir / "last.pt"
     if state.saved_step is not None and last.exists():
         kept = f"The last finite checkpoint {last} (step {state.saved_step}) is kept; running again resumes from it."
     else:
         kept = "No checkpoint was written yet (nothing non-finite is saved), so running again starts from step 0."
-    return FloatingPointError(
-        f"{cause} at step {state.step}. {kept} Lower LR (now {config.train.lr:g}), keep GRAD_CLIP > 0 "
-        "or set PRECISION='fp32', then run again: a resume may change those settings."
-    )
+    fixes = [f"Lower LR (now {config.train.lr:g})"]
+    fixes += ["set GRAD_CLIP=1.0"] if config.train.grad_clip <= 0 else []
+    fixes += ["set PRECISION='fp32'"] if state.autocast else []
+    advice = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    return FloatingPointError(f"{cause} at step {state.step}. {kept} {advice}, then run again: a resume may change "
+                              f"{'those settings' if len(fixes) > 1 else 'it'}.")
 
 
 def checkpoint_bytes(state: TrainState) -> int:

@@ -18,6 +18,18 @@ from nbhelpers.vit.state import TrainState
 
 
 @dataclass
+class DeviceData:
+    """The whole data set on the device: uint8 (N, 3, H, W) images and int64 (N,) labels per split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@dataclass
 class Evaluation:
     accuracy: float  # top-1, fraction
     loss: float  # mean cross-entropy
@@ -54,7 +66,7 @@ def evaluate_sharded(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return correct / count, loss_sum / count
 
 
-def evaluate_epoch(state: TrainState, tensors: dict[str, torch.Tensor], runtime: Runtime, config: Config,
+def evaluate_epoch(state: TrainState, data: DeviceData, runtime: Runtime, config: Config,
                    models: dict[str, nn.Module] | None = None) -> dict[str, float]:
     """Test (and validation) accuracy of the raw and EMA weights, no TTA, sharded over the ranks.
 
@@ -63,9 +75,8 @@ def evaluate_epoch(state: TrainState, tensors: dict[str, torch.Tensor], runtime:
     """
     models = models or {"raw": state.model} | ({"ema": state.ema.module} if state.ema is not None else {})
     metrics: dict[str, float] = {}
-    splits = ["test"] + (["val"] if len(tensors["val_labels"]) else [])
-    for split in splits:
-        images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
+    splits = {"test": (data.test_images, data.test_labels)} | ({"val": (data.val_images, data.val_labels)} if len(data.val_labels) else {})
+    for split, (images, labels) in splits.items():
         for name, model in models.items():
             accuracy, loss = evaluate_sharded(model, images, labels, runtime, config.train.eval_batch_size)
             prefix = "" if name == "raw" else "ema_"
@@ -76,14 +87,14 @@ def evaluate_epoch(state: TrainState, tensors: dict[str, torch.Tensor], runtime:
     return metrics
 
 
-def to_device(data: DataSplits, device: torch.device) -> dict[str, torch.Tensor]:
-    """uint8 (N, 3, H, W) images and int64 labels on the device: the whole data set lives there."""
+def to_device(data: DataSplits, device: torch.device) -> DeviceData:
+    """The data set's uint8 (N, H, W, 3) arrays as device tensors (N, 3, H, W), labels as int64."""
     tensors = {}
     for split in ("train", "val", "test"):
         images = getattr(data, f"{split}_images")
         tensors[f"{split}_images"] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
         tensors[f"{split}_labels"] = torch.from_numpy(getattr(data, f"{split}_labels").astype(np.int64)).to(device)
-    return tensors
+    return DeviceData(**tensors)
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:

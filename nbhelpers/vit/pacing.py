@@ -1,7 +1,8 @@
-"""When the training loop evaluates and checkpoints, and how many steps fit in a time budget.
+"""When the training loop evaluates and checkpoints, how fast it steps, and how many steps fit in a time budget.
 
 Pure bookkeeping on measured wall-clock times: the loop in train.py asks these functions and acts. Keeping the
 decisions here makes them testable without training, and keeps per-epoch overhead a stated fraction of the run.
+Every time the loop reads comes from `LoopClock.now` (time.monotonic), so one stub drives all of it in tests.
 """
 from __future__ import annotations
 
@@ -10,25 +11,67 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EVAL_SHARE = 0.05  # evaluation may cost at most this fraction of training time (auto schedule)
+WARMUP_STEPS = 2  # a call's first steps compile and warm up (allocator, autotuning): never timed
+PROBE_STEPS = 3  # the steps after them that time the first estimate (the loop syncs with the host after each group)
 
 
 @dataclass
 class LoopClock:
-    """Wall-clock measurements of one `fit` call (seconds, time.monotonic)."""
+    """Wall-clock measurements of a training run (seconds, time.monotonic), earlier sessions included once resumed."""
 
-    started: float = field(default_factory=time.monotonic)  # when fit() began (data loading and compile included)
-    last_save: float = field(default_factory=time.monotonic)  # when last.pt was last written (or the call began)
+    started: float = field(default_factory=lambda: time.monotonic())  # when the run began, less earlier sessions' time
+    last_save: float = field(default_factory=lambda: time.monotonic())  # when last.pt was last written (or the call began)
+    mark: float = 0.0  # the end of the last timed window of steps (set at each host sync)
     epoch_seconds: list[float] = field(default_factory=list)  # training time of each full epoch of this call
     eval_seconds: list[float] = field(default_factory=list)  # duration of each per-epoch evaluation
     checkpoint_seconds: float = 0.0  # duration of the latest last.pt write
-    step_seconds: float | None = None  # steady-state seconds per step (compile and warm-up excluded)
+    steady: list[float] = field(default_factory=lambda: [0.0, 0])  # [seconds, steps] after this call's warm-up
+    epoch_steady: list[float] = field(default_factory=lambda: [0.0, 0])  # the same, within the current epoch
+    step_seconds: float | None = None  # seconds per step of the last epoch, warm-up excluded (what a plan uses)
+    estimated: bool = False  # whether the time estimate was printed in this call
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        return self.now() - self.started
+
+    def resume(self, earlier_seconds: float) -> None:
+        """Count the run's earlier sessions (saved in last.pt) as if this one had started that much sooner."""
+        self.started -= earlier_seconds
 
     def checkpoint_due(self, minutes: float) -> bool:
         """True once `minutes` have passed since the last write (0 = always)."""
-        return time.monotonic() - self.last_save >= minutes * 60
+        return self.now() - self.last_save >= minutes * 60
+
+    def sync_due(self, steps_this_call: int) -> bool:
+        """Extra host syncs at the end of warm-up and of the probe, so the estimate comes after a few steps."""
+        return not self.estimated and steps_this_call in (WARMUP_STEPS, WARMUP_STEPS + PROBE_STEPS)
+
+    def start_epoch(self) -> None:
+        self.mark, self.epoch_steady = self.now(), [0.0, 0]
+
+    def lap(self, steps_this_call: int, window_steps: int) -> float:
+        """At a host sync: the seconds of the last `window_steps` steps; counted as steady unless warm-up is in them."""
+        now = self.now()
+        seconds, self.mark = now - self.mark, now
+        if steps_this_call - window_steps >= WARMUP_STEPS:
+            for totals in (self.steady, self.epoch_steady):
+                totals[0], totals[1] = totals[0] + seconds, totals[1] + window_steps
+        return seconds
+
+    def end_epoch(self, steps: int, seconds: float) -> None:
+        """The plan's speed: this epoch's steady steps, or (all warm-up) its whole time per step."""
+        seconds_timed, steps_timed = self.epoch_steady
+        self.step_seconds = seconds_timed / steps_timed if steps_timed else seconds / max(1, steps)
+
+    def estimate_ready(self) -> float | None:
+        """Steady seconds per step once PROBE_STEPS steps after warm-up are timed and no estimate was printed yet."""
+        if self.estimated or self.steady[1] < PROBE_STEPS:
+            return None
+        self.estimated = True
+        return self.steady[0] / self.steady[1]
 
 
 def evaluation_epochs(epochs: int, every: int, final_epochs: int) -> set[int]:
@@ -55,8 +98,9 @@ def plan_budget(budget_seconds: float, clock: LoopClock, step: int, steps_per_ep
     """Total steps that end training (final evaluation and checkpoint included) within the budget.
 
     Args:
-        budget_seconds: the whole fit() call's allowance, measured from `clock.started`.
-        clock: with step_seconds, one evaluation and one checkpoint measured.
+        budget_seconds: the whole run's allowance (all sessions), measured from `clock.started`.
+        clock: with step_seconds measured (the last epoch's speed: a slowdown shows at once); evaluation and
+            checkpoint costs count once measured.
         step: steps already taken.
     Returns:
         {"total_steps", "steps_per_second", "seconds_per_step_with_overhead", ...} for the checkpoint and summary.

@@ -5,6 +5,8 @@ Model-independent of the loop itself: checkpoint, evaluate and report read these
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -73,7 +75,45 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                       "after the resume will not replay the interrupted run exactly.", stacklevel=2)
 
 
-# ----------------------------------------------------------------------------- loop state + result
+# ----------------------------------------------------------------------------- schedule, loop state, result
+
+
+@dataclass
+class Schedule:
+    """Learning rate per optimizer step: linear warm-up to `peak_lr`, then cosine to `min_lr` at the last step.
+
+    A time budget sizes it after the first epoch and shortens it when the run falls behind (`resize`): the cosine
+    then goes on from where it is and reaches `min_lr` at the new last step. A resume keeps a budget-sized length;
+    `peak_lr` and `min_lr` always come from the current config (a resume may change them).
+    """
+
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float
+    resized_at: int = 0  # the step from which the rest of the cosine was squeezed into fewer steps (0 = never)
+    progress_at_resize: float = 0.0  # how far (0..1) the cosine had got at `resized_at`
+
+    def progress(self, step: int) -> float:
+        """How far (0..1) the cosine phase is at `step`."""
+        if self.resized_at and step >= self.resized_at:
+            done = (step - self.resized_at) / max(1, self.total_steps - 1 - self.resized_at)
+            return self.progress_at_resize + (1.0 - self.progress_at_resize) * min(1.0, done)
+        return min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - 1 - self.warmup_steps))
+
+    def lr(self, step: int) -> float:
+        """The learning rate of 0-based optimizer step `step`."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def resize(self, total_steps: int, step: int) -> None:
+        """End at `total_steps`, going on from `step`: the LR there is kept, and warm-up is never cut short."""
+        if step > self.warmup_steps:
+            self.progress_at_resize, self.resized_at = self.progress(step), step
+        else:
+            self.warmup_steps = min(self.warmup_steps, max(step, total_steps // 4))
+        self.total_steps = total_steps
 
 
 @dataclass
@@ -83,17 +123,21 @@ class TrainState:
     model: VisionTransformer
     ema: ModelEma | None
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    schedule: Schedule
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val_accuracy: float = -1.0
     train_seconds: float = 0.0  # time in training steps, summed over sessions
     wall_seconds: float = 0.0  # wall-clock time of training + per-epoch evaluation, summed over sessions
+    run_seconds: float = 0.0  # the whole run (start-up, compile, checkpoints included) up to the last save, all sessions
     saved_step: int | None = None  # step of the last.pt on disk (loaded or written in this session); not saved
-    total_steps: int = 0  # length of the LR schedule (steps); set from epochs, or from the time budget once measured
-    warmup_steps: int = 0  # linear LR warm-up (steps)
     budget_plan: dict[str, Any] | None = None  # what the time budget measured and chose (None = sized by epochs)
+    autocast: bool = False  # whether steps run under bf16/fp16 autocast (this session's runtime); not saved
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
 
     def weights_are_finite(self) -> bool:
         """True when no weight of the model or its EMA is NaN or infinite (one host sync)."""
@@ -111,11 +155,11 @@ class TrainState:
     def payload(self, config: Config) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": dataclasses.asdict(self.schedule),
             "scaler": self.scaler.state_dict(), "rng": rng_state(), "step": self.step,
             "history": self.history, "best_val_accuracy": self.best_val_accuracy,
-            "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds, "config": config.to_dict(),
-            "total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "budget_plan": self.budget_plan,
+            "train_seconds": self.train_seconds, "wall_seconds": self.wall_seconds, "run_seconds": self.run_seconds,
+            "config": config.to_dict(), "budget_plan": self.budget_plan,
         }
 
     def load(self, payload: dict[str, Any]) -> None:
@@ -126,16 +170,17 @@ class TrainState:
         self.optimizer.load_state_dict(payload["optimizer"])
         for group, flag in zip(self.optimizer.param_groups, fused):  # this machine decides (CPU run resumed on CUDA)
             group["fused"] = flag
-        self.scheduler.load_state_dict(payload["scheduler"])
         if payload["scaler"]:  # empty when written under bf16/fp32; resuming as fp16 then starts a fresh scale
             self.scaler.load_state_dict(payload["scaler"])
         restore_rng_state(payload["rng"])
         self.step, self.history = payload["step"], payload["history"]
         self.best_val_accuracy, self.train_seconds = payload["best_val_accuracy"], payload["train_seconds"]
-        self.wall_seconds = payload.get("wall_seconds", 0.0)
+        self.wall_seconds, self.run_seconds = payload.get("wall_seconds", 0.0), payload.get("run_seconds", 0.0)
         self.saved_step = self.step
         if payload.get("budget_plan"):  # a budget-sized schedule is kept on resume; an epoch-sized one follows EPOCHS
-            self.total_steps, self.warmup_steps = payload["total_steps"], payload["warmup_steps"]
+            saved = payload["scheduler"] if "total_steps" in payload["scheduler"] else payload  # older files: top level
+            lengths = {name: saved[name] for name in ("total_steps", "warmup_steps", "resized_at", "progress_at_resize") if name in saved}
+            self.schedule = dataclasses.replace(self.schedule, **lengths)
             self.budget_plan = payload["budget_plan"]
 
 
