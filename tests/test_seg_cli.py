@@ -228,11 +228,14 @@ def test_rerun_redoes_corrupt_or_unrecorded_outputs(tiny_seg_model_dirs, tiny_se
     (out / "street" / "detections.json").write_text("")  # emptied
     (out / "garden" / COMPLETE_FILE).unlink()  # outputs of an older version, which wrote no record
     untouched = (out / "yard" / "overlay.png").stat().st_mtime_ns
+    stale = out / "yard" / ".overlay.png.999999999.0a1b2c3d.tmp"  # a killed --overwrite run's (no such process)
+    stale.write_bytes(b"half a png")
     capsys.readouterr()
     assert cli.main([str(image_folder), "--out", str(out), *args]) == 0
     summary = json.loads((out / "inputs_summary.json").read_text())
     assert {item["input"]: item["status"] for item in summary["inputs"]} == {
         "garden.png": "done", "kitchen.png": "done", "street.jpg": "done", "yard.png": "skipped"}
     assert (out / "yard" / "overlay.png").stat().st_mtime_ns == untouched
+    assert not stale.exists(), "a killed run's temp file is removed, even in a folder skipped as complete"
     Image.open(overlay).load()  # whole again
     validate_detections(load_detections(out / "street" / "detections.json"))

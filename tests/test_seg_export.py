@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from nbhelpers.seg import export
 from nbhelpers.seg.export import (COMPLETE_FILE, OUTPUT_FILES, build_detections, decode_rle, encode_masks, load_detections,
-                                  outputs_complete, save_outputs)
+                                  outputs_complete, remove_dead_temp_files, save_outputs)
 from nbhelpers.seg.types import Segmentation
 from nbhelpers.testing import validate_detections
 from nbhelpers.seg.render import instance_map, overlay, union_mask
@@ -224,6 +224,44 @@ def test_a_crash_between_renames_leaves_the_folder_unfinished(tmp_path: Path, mo
         save_outputs(image_for(second), second, tmp_path, METADATA)
     monkeypatch.undo()
     assert not outputs_complete(tmp_path, OUTPUT_FILES.values()), "a mix of two runs' files is not a finished set"
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (a real one, started and waited for)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temp_files_of_killed_runs_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import time
+
+    started = time.time()
+    dead, live, mine = _dead_pid(), os.getppid(), os.getpid()  # the parent (pytest's shell or runner) is alive
+    names = {"dead": f".mask.png.{dead}.0a1b2c3d.tmp", "live": f".overlay.png.{live}.0a1b2c3d.tmp",
+             "mine_old": f".instances.png.{mine}.0a1b2c3d.tmp", "atomic_old": ".tracks.json.k2j4x9_q.tmp",
+             "partial_old": ".video_overlay.partial.mp4", "atomic_new": ".complete.json.zz81ab3c.tmp",
+             "output": "mask.png"}
+    for key, name in names.items():
+        (tmp_path / name).write_bytes(b"x")
+        if key.endswith("_old"):
+            os.utime(tmp_path / name, (started - 60, started - 60))  # last written before this run began
+        elif key == "atomic_new":
+            os.utime(tmp_path / name, (started + 1, started + 1))  # being written by another run now
+    removed = {path.name for path in remove_dead_temp_files(tmp_path, started)}
+    assert removed == {names[key] for key in ("dead", "mine_old", "atomic_old", "partial_old")}
+    assert {path.name for path in tmp_path.iterdir()} == {names[key] for key in ("live", "atomic_new", "output")}
+
+
+def test_save_outputs_clears_a_killed_writers_temp_files(tmp_path: Path) -> None:
+    stale = tmp_path / f".mask.png.{_dead_pid()}.0a1b2c3d.tmp"  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b"half a png")
+    seg = make_seg()
+    save_outputs(image_for(seg), seg, tmp_path, METADATA)
+    assert not stale.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_out_dir_below_a_file_names_the_fix(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +30,7 @@ from nbhelpers.seg.types import Segmentation
 OUTPUT_FILES = {"mask": "mask.png", "instances": "instances.png", "overlay": "overlay.png", "detections": "detections.json"}
 METADATA_KEYS = ("models", "thresholds", "source_file")
 COMPLETE_FILE = ".complete.json"  # the completion record: {"files": {name: size in bytes}}
+_TEMP_OF_PROCESS = re.compile(r"\.(\d+)\.[0-9a-f]{8}\.tmp$")  # `_write_temp`'s names: .NAME.<pid>.<hex>.tmp
 
 # ----------------------------------------------------------------------------- RLE
 
@@ -181,6 +184,7 @@ def save_outputs(image_rgb: np.ndarray, seg: Segmentation, out_dir: str | os.Pat
 
     contents = _render_files(image_rgb, seg, metadata)
     out_dir = ensure_writable_dir(out_dir)
+    remove_dead_temp_files(out_dir)
     temporaries: dict[str, Path] = {}
     try:
         for key, data in contents.items():
@@ -194,6 +198,39 @@ def save_outputs(image_rgb: np.ndarray, seg: Segmentation, out_dir: str | os.Pat
             temp_path.unlink(missing_ok=True)
     write_completion_record(out_dir, OUTPUT_FILES.values())
     return {key: out_dir / name for key, name in OUTPUT_FILES.items()}
+
+
+def remove_dead_temp_files(folder: str | os.PathLike, started: float | None = None) -> list[Path]:
+    """Delete the temp files killed runs left in `folder` (call at the start of a run writing there).
+
+    Removed: `_write_temp`'s `.NAME.<pid>.<hex>.tmp` files whose process is gone, and other hidden temp files
+    (`nbhelpers.platform.atomic_write`'s `.NAME.*.tmp`, the video writer's `.NAME.partial.mp4`, this process's own)
+    last written before `started`. A live process's files are kept: another run may be writing here.
+    Args:
+        started: when the run began (time.time()); None = now.
+    Returns:
+        The removed paths.
+    """
+    folder, started = Path(folder), time.time() if started is None else started
+    removed = []
+    for temp in [*folder.glob(".*.tmp"), *folder.glob(".*.partial.*")] if folder.is_dir() else []:
+        try:
+            if temp.is_file() and _is_stale(temp, started):
+                temp.unlink()
+                removed.append(temp)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed
+
+
+def _is_stale(temp: Path, started: float) -> bool:
+    from nbhelpers.platform import process_is_alive
+
+    match = _TEMP_OF_PROCESS.search(temp.name)
+    pid = int(match.group(1)) if match else None
+    if pid is not None and pid != os.getpid():
+        return not process_is_alive(pid)
+    return temp.stat().st_mtime < started
 
 
 # ----------------------------------------------------------------------------- completion records

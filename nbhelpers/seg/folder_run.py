@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from nbhelpers import distributed
 from nbhelpers.platform import atomic_write, ensure_writable_dir
 from nbhelpers.seg import pipeline
-from nbhelpers.seg.export import OUTPUT_FILES, outputs_complete
+from nbhelpers.seg.export import OUTPUT_FILES, outputs_complete, remove_dead_temp_files
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.models import Sam3Models, SegmentationModels
 from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file
@@ -45,21 +46,36 @@ def list_video_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_file() and is_video_file(path))
 
 
+def rank_share(planned: list[tuple[Path, Path]], block: int = 1) -> list[tuple[Path, Path]]:
+    """This rank's (input, output folder) pairs, dealt out in whole blocks of `block` (the batch size): batched
+    inference pads the images of a batch together, so keeping the single-process batches keeps each image's result
+    identical to that run's."""
+    return [item for index, item in enumerate(planned) if (index // block) % distributed.world_size() == distributed.rank()]
+
+
 def my_share(planned: list[tuple[Path, Path]], names: tuple[str, ...], overwrite: bool, block: int = 1
              ) -> tuple[list[tuple[Path, Path]], list[InputStatus]]:
-    """This rank's inputs still to do, and the statuses of those it skips as complete.
-
-    The inputs are dealt out in whole blocks of `block` (the batch size): batched inference pads the images of a
-    batch together, so keeping the single-process batches keeps each image's result identical to that run's.
-    """
+    """This rank's inputs (see rank_share) still to do, and the statuses of those it skips as complete."""
     todo, skipped = [], []
-    mine = [item for index, item in enumerate(planned) if (index // block) % distributed.world_size() == distributed.rank()]
-    for file, folder in mine:
+    for file, folder in rank_share(planned, block):
         if not overwrite and outputs_complete(folder, names):
             skipped.append(InputStatus(file.name, folder.name, "skipped", "complete outputs found (--overwrite redoes them)", distributed.rank()))
         else:
             todo.append((file, folder))
     return todo, skipped
+
+
+def remove_killed_runs_temp_files(planned: list[tuple[Path, Path]], is_video: dict[Path, bool], out_dir: Path,
+                                  block: int) -> None:
+    """Delete the temp files killed runs left in this rank's output folders (rank 0: OUT too), including those of
+    inputs skipped as complete; another rank's folders are its own to clean (it may be writing there now)."""
+    started = time.time()
+    mine = rank_share([item for item in planned if not is_video[item[0]]], block)
+    mine += rank_share([item for item in planned if is_video[item[0]]])
+    folders = [folder for _, folder in mine] + ([out_dir] if distributed.is_main() else [])
+    removed = [path for folder in folders for path in remove_dead_temp_files(folder, started)]
+    if removed:
+        print(f"removed {len(removed)} temp file(s) left by killed runs (e.g. {removed[0]})", flush=True)
 
 
 def write_summary(statuses: list[InputStatus], out_dir: Path, order: list[str]) -> dict:
@@ -100,6 +116,7 @@ def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels | Sam3
     images, videos = list_image_files(source), list_video_files(source)
     planned = pipeline.plan_outputs(sorted(images + videos), out_dir)
     is_video = {file: file in set(videos) for file, _ in planned}
+    remove_killed_runs_temp_files(planned, is_video, out_dir, config.batch_size)
     image_todo, statuses = my_share([item for item in planned if not is_video[item[0]]], tuple(OUTPUT_FILES.values()), overwrite, config.batch_size)
     video_todo, skipped_videos = my_share([item for item in planned if is_video[item[0]]], VIDEO_OUTPUTS, overwrite)
     statuses += skipped_videos

@@ -1,7 +1,7 @@
 """Video outputs besides the MP4: tracks.json (per object: label, frames, boxes, optional RLE masks) and
 per-frame object-id PNGs. Both appear only complete: the id-map folder is filled under a temporary name and
 swapped in at the end; tracks.json is written atomically. A run removes the folder's completion record before it
-replaces any output and writes it again after tracks.json (`finish_video_outputs`), so an overlay and tracks.json
+replaces any output (`begin_video_outputs`) and writes it again after tracks.json (`finish_video_outputs`), so an overlay and tracks.json
 from different runs (a run killed between the two) never count as a finished pair.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from nbhelpers.platform import atomic_write
-from nbhelpers.seg.export import write_completion_record
+from nbhelpers.seg.export import remove_completion_record, remove_dead_temp_files, write_completion_record
 from nbhelpers.seg.types import Track
 
 TRACKS_FILE = "tracks.json"
@@ -30,6 +30,13 @@ def write_tracks(path: str | os.PathLike, tracks: list[Track], metadata: dict[st
     data = dict(metadata) | {"objects": [track.to_json() for track in tracks]}
     payload = json.dumps(data, indent=1).encode()
     return atomic_write(path, lambda file: file.write(payload))
+
+
+def begin_video_outputs(out_dir: str | os.PathLike) -> None:
+    """Before a video run replaces any output in `out_dir`: mark the folder unfinished and delete the temp files
+    that killed runs left there."""
+    remove_completion_record(out_dir)
+    remove_dead_temp_files(out_dir)
 
 
 def finish_video_outputs(out_dir: str | os.PathLike, tracks: list[Track], metadata: dict[str, Any]) -> Path:

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from nbhelpers.platform import ensure_writable_dir, select_runtime
 from nbhelpers.seg.backends import as_backend
-from nbhelpers.seg.export import encode_masks, remove_completion_record
+from nbhelpers.seg.export import encode_masks
 from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import LoadedModel, SegmentationModels, load_sam2_video
 from nbhelpers.seg.render import overlay
 from nbhelpers.seg.types import (DetectionSettings, FrameDetections, FrameMasks, Segmentation, Track,
                                  VideoSegmentation, VideoSettings)
-from nbhelpers.seg.video.export import OVERLAY_FILE, IdMapWriter, finish_video_outputs
+from nbhelpers.seg.video.export import OVERLAY_FILE, IdMapWriter, begin_video_outputs, finish_video_outputs
 from nbhelpers.seg.video.identity import Identities
 from nbhelpers.seg.video.io import REENCODE_HINT, VideoInfo, VideoWriter, iter_frames, probe_video
 from nbhelpers.seg.video.overlap import OrderedWorker, prefetch
@@ -170,7 +170,7 @@ def run_frames(run, info: VideoInfo, device: torch.device, out_dir: Path, settin
         (run, frames processed, seconds, peak CUDA memory or None, {"overlay"[, "id_maps"]: path}, overlay codec).
     """
     fps = output_fps(info, settings.frame_stride, settings.max_frames)
-    remove_completion_record(out_dir)  # the outputs are replaced below: unfinished until finish_video_outputs
+    begin_video_outputs(out_dir)  # the outputs are replaced below: unfinished until finish_video_outputs
     id_maps = IdMapWriter(out_dir) if save_id_maps else None
     writer = VideoWriter(out_dir / OVERLAY_FILE, info.width, info.height, fps)
     cuda = device.type == "cuda"
