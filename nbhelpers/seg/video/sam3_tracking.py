@@ -320,15 +320,21 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
     result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
                                output_fps(info, stride, max_frames), list(run.tracks.values()), run.seed_frame, codec, message,
                                files, seconds, peak, tracker.frames_held_peak, *offloaded)
-    metadata = {"video": result.video, "prompt": result.prompt, "frames": frames, "height": info.height,
-                "width": info.width, "source_fps": info.fps, "output_fps": result.output_fps,
-                "frame_stride": stride, "max_frames": max_frames, "seed_frame": run.seed_frame, "max_objects": max_objects,
-                "backend": "sam3", "detector": "sam3 (every frame)", "thresholds": settings.as_dict(),
-                "models": models.describe() | {"sam3_video_backend": sam3_video.backend}, "codec": codec,
-                "sam3_postprocessing": postprocessing.description,
-                "duplicates_removed": len(tracker.duplicates), "seconds": round(seconds, 3),
-                "frames_per_second": round(result.frames_per_second, 2), "peak_gpu_memory_bytes": peak,
-                "frames_held_peak": tracker.frames_held_peak, "offload_frames": offloaded[0],
-                "offload_state": offloaded[1], "message": message}
+    metadata = _metadata(result, models, sam3_video, settings, video_settings) | {
+        "sam3_postprocessing": postprocessing.description, "duplicates_removed": len(tracker.duplicates)}
     result.files["tracks"] = finish_video_outputs(out, result.tracks, metadata)
     return result
+
+
+def _metadata(result: VideoSegmentation, models: Sam3Models, sam3_video: LoadedModel, settings: DetectionSettings,
+              video_settings: VideoSettings) -> dict:
+    """tracks.json's metadata keys for a SAM 3 run."""
+    return {"video": result.video, "prompt": result.prompt, "frames": result.frames, "height": result.size[0],
+            "width": result.size[1], "source_fps": result.source_fps, "output_fps": result.output_fps,
+            "frame_stride": video_settings.frame_stride, "max_frames": video_settings.max_frames,
+            "seed_frame": result.seed_frame, "max_objects": video_settings.max_objects, "backend": "sam3",
+            "detector": "sam3 (every frame)", "thresholds": settings.as_dict(),
+            "models": models.describe() | {"sam3_video_backend": sam3_video.backend}, "codec": result.codec,
+            "seconds": round(result.seconds, 3), "frames_per_second": round(result.frames_per_second, 2),
+            "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes, "frames_held_peak": result.frames_held_peak,
+            "offload_frames": result.offload_frames, "offload_state": result.offload_state, "message": result.message}
