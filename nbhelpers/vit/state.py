@@ -1,4 +1,5 @@
-"""What a training run carries and saves: the EMA of the weights, the loop's mutable state, RNG state, the result.
+"""What a training run carries and saves: the EMA of the weights, the LR schedule, the loop's mutable state, RNG
+state, the result.
 
 Model-independent of the loop itself: checkpoint, evaluate and report read these types, and train builds them.
 """

@@ -150,7 +150,7 @@ def end_window(loop: Loop, sums: torch.Tensor, window: int, epoch: int, done: in
     show_progress(loop.bar, state, epoch, sums, done, loop.config.train.batch_size, window / max(seconds, 1e-9))
     step_seconds = clock.estimate_ready()  # every rank asks, so they agree on when the extra syncs stop
     if step_seconds is not None and not loop.bar.disable:
-        tqdm.write(announce_estimate(state.total_steps - loop.first_step, step_seconds, loop.runtime))
+        tqdm.write(announce_estimate(state.total_steps - loop.first_step, step_seconds, loop.runtime, loop.config.preset))
     if not last and clock.checkpoint_due(loop.config.train.checkpoint_minutes):
         save_checkpoint(loop)  # wall-clock checkpoint inside long epochs
 
@@ -317,7 +317,7 @@ def account(loop: Loop, window: int) -> float:
     return seconds
 
 
-def announce_estimate(steps: int, seconds_per_step: float, runtime: Runtime) -> str:
+def announce_estimate(steps: int, seconds_per_step: float, runtime: Runtime, preset: str) -> str:
     """One line: the training time of `steps` at the steady speed; past an hour, which preset is quicker here."""
     seconds = steps * seconds_per_step
     duration = f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
@@ -326,8 +326,9 @@ def announce_estimate(steps: int, seconds_per_step: float, runtime: Runtime) -> 
         return text
     if runtime.is_cuda:
         return text + ". Over an hour: TIME_BUDGET_MINUTES caps it, and PRESET='smoke' checks the whole notebook in a minute."
-    quick = "cpu" if "cpu" in PRESETS else "smoke"  # the preset made for CPUs, where this version has one
-    return text + f". Over an hour on this device: PRESET='{quick}' is sized for a CPU, or use a GPU platform (Kaggle or Colab with a GPU)."
+    quick = "cpu" if "cpu" in PRESETS and preset != "cpu" else "smoke"  # the preset made for CPUs, where there is one
+    what = "is sized for a CPU" if quick == "cpu" else "checks the whole notebook in a minute"
+    return text + f". Over an hour on this device: PRESET='{quick}' {what}, or use a GPU platform (Kaggle or Colab with a GPU)."
 
 
 def stop_requested(signals: StopSignals | None, device: torch.device, at_window: bool) -> bool:
