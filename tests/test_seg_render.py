@@ -11,7 +11,7 @@ import pytest
 
 from nbhelpers.seg.types import Segmentation
 from nbhelpers.seg.render import (
-    PALETTE, colorize_instances, fit_for_display, instance_color, instance_map, overlay, show, summary_line, union_mask,
+    PALETTE, colorize_instances, draw_boxes, fit_for_display, instance_color, instance_map, overlay, show, summary_line, union_mask,
 )
 
 
@@ -200,3 +200,135 @@ def test_fit_for_display_scales_image_masks_and_boxes_together() -> None:
     overlay(small, small_seg)  # consistent: drawable as is
     same, same_seg = fit_for_display(image, seg, max_side=600)
     assert same is image and same_seg is seg  # already small enough
+
+
+# ----------------------------------------------------------------------------- the pipeline's stages
+
+
+def test_draw_boxes_outlines_each_box_where_given_in_its_instance_colour() -> None:
+    image = np.zeros((400, 600, 3), np.uint8)
+    boxes = np.array([[100, 120, 300, 280], [400, 40, 560, 360]], np.float32)
+    drawn = draw_boxes(image, boxes, ["car", "sun"], [0.91, 0.4])
+
+    def has(color, rows, cols) -> bool:  # the patch's brightest pixel is the colour at >= 80% (lines are anti-aliased)
+        patch = drawn[rows, cols].reshape(-1, 3).astype(float)
+        pixel, color = patch[patch.sum(axis=1).argmax()], np.asarray(color, float)
+        return pixel.sum() >= 0.8 * color.sum() and np.allclose(pixel / pixel.sum(), color / color.sum(), atol=0.03)
+
+    for index, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        color, middle_y, middle_x = instance_color(index), (y0 + y1) // 2, (x0 + x1) // 2
+        assert has(color, middle_y, slice(x0 - 1, x0 + 2)) and has(color, middle_y, slice(x1 - 1, x1 + 2))  # sides
+        assert has(color, slice(y1 - 1, y1 + 2), middle_x)  # bottom edge
+        assert not drawn[y0 + 5 : y1 - 5, x0 + 5 : x1 - 5].any()  # inside: untouched (no mask at this stage)
+    assert (drawn[90:120, 100:300] != 0).any()  # the first box's "car 0.91" caption sits above it
+    assert not drawn[300:400, 0:80].any() and not image.any()  # elsewhere untouched; the input is not drawn on
+    with pytest.raises(ValueError, match="one of each per box"):
+        draw_boxes(image, boxes, ["car"], [0.9, 0.4])
+
+
+def test_stage_figures_show_the_boxes_then_the_masks_alone() -> None:
+    from nbhelpers.seg.render import show_boxes, show_masks
+    from nbhelpers.seg.types import FrameDetections
+
+    image = noise_image(120, 160)
+    seg = make_seg(np.stack([rect_mask(120, 160, 10, 10, 50, 60), rect_mask(120, 160, 60, 80, 110, 150)]), ["car", "sun"])
+    seg.mask_scores = np.array([0.93, np.nan], np.float32)
+    detections = FrameDetections(seg.boxes, seg.scores, seg.labels, "grounding-dino")
+    boxes_figure = show_boxes(image, detections)
+    assert np.array_equal(boxes_figure.axes[0].images[0].get_array(), draw_boxes(image, seg.boxes, seg.labels, seg.scores))
+    assert "2 box(es) from grounding-dino" in boxes_figure.axes[0].get_title()
+    masks_figure = show_masks(seg)
+    assert np.array_equal(masks_figure.axes[0].images[0].get_array(), colorize_instances(seg))
+    legend = [text.get_text() for text in masks_figure.axes[0].get_legend().get_texts()]
+    assert legend == ["1: car (predicted IoU 0.93, 2,000 px)", "2: sun (no SAM estimate, 3,500 px)"]
+
+
+def test_run_stages_prompts_sam_with_exactly_the_detected_boxes(tiny_seg_models) -> None:
+    """The walkthrough's stages are the pipeline's: its boxes are the detect step's and its masks equal what
+    segment_image returns for the same image (SAM 2.1 prompted with those boxes)."""
+    from nbhelpers.seg.backends import as_backend
+    from nbhelpers.seg.image import segment_image
+    from nbhelpers.seg.stages import run_stages
+    from nbhelpers.seg.types import DetectionSettings
+    from nbhelpers.testing import make_test_image
+
+    image, settings = make_test_image(), DetectionSettings(box_threshold=0.0, text_threshold=0.0, max_detections=3)
+    stages = run_stages(image, "a cat. a remote", tiny_seg_models, settings, name="test.png")
+    detected = as_backend(tiny_seg_models).detect(image, ["a cat", "a remote"], settings)
+    assert len(stages.detections.boxes) == 3 and np.array_equal(stages.detections.boxes, detected.boxes)
+    whole = segment_image(image, "a cat. a remote", tiny_seg_models, settings)
+    assert stages.segmentation.source == whole.source == "grounding-dino"
+    assert np.array_equal(stages.segmentation.boxes, whole.boxes) and stages.segmentation.labels == whole.labels
+    assert np.array_equal(stages.segmentation.masks, whole.masks)
+    assert set(stages.seconds) == {"detect", "masks"} and stages.name == "test.png"
+
+
+# ----------------------------------------------------------------------------- video tracks
+
+
+def make_video_result(frames: int = 10):
+    """Three objects: #1 seen on 0-3 and, revived, on 6-9; #2 added on 2, never given a mask, forgotten on 5;
+    #3 added on 4, seen 4-7, merged into #1 on 8."""
+    from nbhelpers.seg.types import Track, VideoSegmentation
+
+    mask = rect_mask(40, 60, 5, 5, 20, 30)
+    first, second, third = Track(1, "car", 0.9, "grounding-dino", 0), Track(2, "cat", 0.5, "clipseg-fallback", 2), \
+        Track(3, "car", 0.7, "grounding-dino", 4)
+    for frame in range(frames):
+        first.record(frame, mask if frame < 4 or frame >= 6 else None)
+        if 2 <= frame < 5:
+            second.record(frame, None)
+        if 4 <= frame < 8:
+            third.record(frame, mask)
+    first.revived_frames, first.merged_ids = [6], [3]
+    second.end(5, "forgotten")
+    third.end(8, "merged", merged_into=1)
+    return VideoSegmentation("clip.mp4", "car. cat.", frames, (40, 60), 12.0, 12.0, [first, second, third], 0, "h264",
+                             "3 object(s) tracked")
+
+
+def bar_frames(figure, gid: str) -> set[int]:
+    """Frames whose centre lies inside the bars of the collection with this gid."""
+    (bars,) = [c for c in figure.axes[0].collections if c.get_gid() == gid]
+    spans = [(path.vertices[:, 0].min(), path.vertices[:, 0].max()) for path in bars.get_paths()]
+    return {frame for frame in range(-5, 50) if any(low < frame < high for low, high in spans)}
+
+
+def marker_frames(figure, gid: str) -> list[float]:
+    return [x for line in figure.axes[0].lines if line.get_gid() == gid for x in line.get_xdata()]
+
+
+def test_track_spans_groups_consecutive_frames() -> None:
+    from nbhelpers.seg.render import track_spans
+
+    assert track_spans([5, 0, 1, 2, 6, 6, 9]) == [(0, 2), (5, 6), (9, 9)] and track_spans([]) == []
+
+
+def test_track_timeline_marks_the_frames_with_a_mask_revivals_and_endings() -> None:
+    from nbhelpers.seg.render import track_timeline
+
+    result = make_video_result()
+    for source in (result, {"frames": result.frames, "prompt": result.prompt, "objects": [t.to_json() for t in result.tracks]}):
+        figure = track_timeline(source)
+        assert bar_frames(figure, "track-1") == {0, 1, 2, 3, 6, 7, 8, 9}
+        assert bar_frames(figure, "track-2") == set() and bar_frames(figure, "track-3") == {4, 5, 6, 7}
+        assert marker_frames(figure, "^-1") == [6] and marker_frames(figure, "x-2") == [5]
+        assert marker_frames(figure, ">-3") == [8] and marker_frames(figure, "o-3") == [4]
+        assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == ["#1 car", "#2 cat", "#3 car"]
+        bars = {c.get_gid(): c.get_facecolor()[0][:3] for c in figure.axes[0].collections if c.get_gid()}
+        assert np.allclose(bars["track-1"], bars["track-3"]) and not np.allclose(bars["track-1"], bars["track-2"])
+
+
+def test_track_table_says_in_words_what_each_object_did() -> None:
+    from nbhelpers.seg.render import track_table
+
+    html = track_table(make_video_result())
+    rows = [[cell for cell in row.split("</td><td>")] for row in html.split("<tr><td>")[1:]]
+    assert [row[:2] for row in rows] == [["#1", "car"], ["#2", "cat"], ["#3", "car"]]
+    first, second, third = rows
+    assert first[4:7] == ["8", "9", "6"] and "tracked to the end" in first[7] and "took over #3" in first[7]
+    assert second[2] == "clipseg-fallback (0.50)" and second[4:7] == ["0", "never", "none"]
+    assert "forgotten on frame 5" in second[7]
+    assert third[5] == "7" and "merged into #1 on frame 8" in third[7]
+    assert "None" not in html and "frames with a mask (of 10)" in html
+    assert "No object tracked" in track_table({"frames": 3, "objects": [], "message": "nothing found"})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from functools import partial
-from html import escape
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +18,7 @@ from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, load_image
 from nbhelpers.seg.models import Sam3Models, SegmentationModels, load_models, load_sam3_models
-from nbhelpers.seg.render import show_overlay
+from nbhelpers.seg.render import show_overlay, track_table
 from nbhelpers.seg.types import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, DetectionSettings, Segmentation,
                                  VideoSegmentation, VideoSettings)
 from nbhelpers.seg.video import segment_video
@@ -192,7 +191,8 @@ def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | N
 
 
 def show_video(result: VideoSegmentation, max_embed_mb: float = 25.0) -> None:
-    """Play the overlay inline (embedded when small enough) and list the tracked objects."""
+    """Play the overlay inline (embedded when small enough) and list the tracked objects (`render.track_table`:
+    what found each, its frames with a mask, revivals and how it ended)."""
     from IPython.display import HTML, Video, display
 
     path = result.files["overlay"]
@@ -203,11 +203,7 @@ def show_video(result: VideoSegmentation, max_embed_mb: float = 25.0) -> None:
         display(Video(str(path), embed=True, mimetype="video/mp4", html_attributes="controls loop muted"))
     else:
         print(f"{path} is {size_mb:.0f} MB: too large to embed; download it from the output folder.")
-    rows = "".join(f"<tr><td>{t.object_id}</td><td>{escape(t.label)}</td><td>{t.source}</td><td>{t.first_frame}</td>"
-                   f"<td>{t.last_frame}</td><td>{t.state}</td></tr>"
-                   for t in result.tracks)
-    display(HTML("<table><tr><th>id</th><th>label</th><th>found by</th><th>first frame</th><th>last seen</th>"
-                 f"<th>at the end</th></tr>{rows}</table>" if rows else f"<p>{escape(result.message)}</p>"))
+    display(HTML(track_table(result)))
 
 
 # ----------------------------------------------------------------------------- interactive UI
