@@ -139,6 +139,21 @@ def run(name: str, out: Path, **parameters) -> dict:
     return nbformat.read(executed, as_version=4)
 
 
+def cell_outputs(notebook, marker: str) -> list:
+    """The outputs of the one code cell whose source contains `marker`."""
+    (cell,) = [cell for cell in notebook.cells if cell.cell_type == "code" and marker in cell.source]
+    return cell.outputs
+
+
+def figures_shown(notebook, *markers: str) -> dict[str, int]:
+    """marker -> how many PNG figures its cell showed."""
+    return {marker: sum("image/png" in output.get("data", {}) for output in cell_outputs(notebook, marker))
+            for marker in markers}
+
+
+WALKTHROUGH = ("render.show_boxes(", "render.show_masks(", "render.show(walkthrough")  # stages 1, 2, 3
+
+
 def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_path, tiny_seg_model_dirs, tiny_sam3_model_dirs,
                                                                          monkeypatch):
     """BACKEND="both": the default backend (GroundingDINO -> SAM 2.1) segments the sample image and clip, then the
@@ -179,6 +194,13 @@ def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_pat
         assert clip["frames"] == 7 and clip["backend"] == backend
     tables = [output["data"]["text/html"] for output in outputs if "<th>backend</th>" in output.get("data", {}).get("text/html", "")]
     assert len(tables) == 1 and tables[0].count("<tr>") == 3 and "SAM 3" in tables[0] and "GroundingDINO" in tables[0]
+    # the comparison cell shows no stderr (transformers' per-frame SAM 3 "max_num_objects" warning is counted instead)
+    assert not [output for output in cell_outputs(notebook, "compare.compare_backends(") if output.get("name") == "stderr"]
+    # the walkthrough (one figure per stage) and the identities section's timeline
+    assert figures_shown(notebook, *WALKTHROUGH, "render.track_timeline(") == dict.fromkeys([*WALKTHROUGH, "render.track_timeline("], 1)
+    (table,) = [output["data"]["text/html"] for output in cell_outputs(notebook, "pipeline.show_video(")
+                if "<th>label</th>" in output.get("data", {}).get("text/html", "")]
+    assert table.count("<tr><td>#") == len(tracks["objects"]) and "frames with a mask (of 7)" in table and "None" not in table
 
 
 def test_q2_notebook_runs_the_sam3_backend(tmp_path, tiny_sam3_model_dirs):
@@ -200,3 +222,4 @@ def test_q2_notebook_runs_the_sam3_backend(tmp_path, tiny_sam3_model_dirs):
     assert tracks["frames"] == 2 and tracks["backend"] == "sam3" and tracks["codec"] == "h264"
     texts = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
     assert 'set BACKEND = "both"' in texts  # the comparison section explains itself
+    assert figures_shown(notebook, *WALKTHROUGH, "render.track_timeline(") == dict.fromkeys([*WALKTHROUGH, "render.track_timeline("], 1)
