@@ -354,6 +354,16 @@ def _tracks_of(result: VideoSegmentation | dict[str, Any]) -> tuple[list[dict[st
     return list(result["objects"]), int(result["frames"]), str(result.get("prompt", ""))
 
 
+def _timeline_legend(colors: dict[str, np.ndarray]) -> list:
+    """Legend entries of `track_timeline`: one bar colour per label, the grey line, the four marks."""
+    from matplotlib.lines import Line2D
+
+    legend = [Line2D([], [], color=color, linewidth=6, label=f"{label}: has a mask") for label, color in colors.items()]
+    return legend + [Line2D([], [], color="0.75", label="in the session, no mask"),
+                     *(Line2D([], [], marker=m, color="black", linestyle="none", label=text) for m, text in
+                       (("o", "detected, new id"), ("^", "revived by a detection"), ("x", "forgotten"), (">", "merged")))]
+
+
 def track_timeline(result: VideoSegmentation | dict[str, Any], title: str | None = None) -> Any:
     """Figure: one row per object id, a bar over every frame it had a mask, coloured by label; a grey line while it
     was in the tracker's session without a mask; o where it was detected and added, ^ where a detection revived it,
@@ -365,7 +375,6 @@ def track_timeline(result: VideoSegmentation | dict[str, Any], title: str | None
         The matplotlib Figure (closed in pyplot). Each bar collection has gid "track-<id>".
     """
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     objects, frames, prompt = _tracks_of(result)
     colors = {label: np.asarray(instance_color(i)) / 255 for i, label in enumerate(dict.fromkeys(o["label"] for o in objects))}
@@ -388,11 +397,7 @@ def track_timeline(result: VideoSegmentation | dict[str, Any], title: str | None
     ax.set_ylim(len(objects) - 0.5, -0.5)
     ax.set_xlim(-0.5, max(frames, 1) - 0.5)
     ax.set_xlabel(f"processed frame (0-{frames - 1})")
-    legend = [Line2D([], [], color=color, linewidth=6, label=f"{label}: has a mask") for label, color in colors.items()]
-    legend += [Line2D([], [], color="0.75", label="in the session, no mask"),
-               *(Line2D([], [], marker=m, color="black", linestyle="none", label=text) for m, text in
-                 (("o", "detected, new id"), ("^", "revived by a detection"), ("x", "forgotten"), (">", "merged")))]
-    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.legend(handles=_timeline_legend(colors), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title if title is not None else f"{len(objects)} object id(s) over {frames} frames, prompt {prompt!r}",
                  fontsize=10)
     fig.tight_layout()
