@@ -30,13 +30,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 60  # any single wait in the browser
 UI = ".nbh-seg-ui"
-# Records every text the UI's output area shows, so short-lived states (progress, "Segmenting...") can be checked.
+# Records every text the UI's output area and its source line (the first HTML widget) show, so short-lived states
+# (progress, "Segmenting...", a message per keystroke) can be checked.
 RECORD_OUTPUT = """
 const root = document.querySelector(".nbh-seg-ui");
 window.nbhSeen = [];
+window.nbhSources = [];
+const record = (seen, text) => { if (seen[seen.length - 1] !== text) { seen.push(text); } };
 new MutationObserver(() => {
-  const text = Array.from(root.querySelectorAll(".widget-output"), element => element.innerText).join(" | ");
-  if (window.nbhSeen[window.nbhSeen.length - 1] !== text) { window.nbhSeen.push(text); }
+  record(window.nbhSeen, Array.from(root.querySelectorAll(".widget-output"), element => element.innerText).join(" | "));
+  record(window.nbhSources, root.querySelector(".widget-html").innerText);
 }).observe(root, {childList: true, subtree: true, characterData: true});
 """
 # ipywidgets' upload button opens a detached <input type=file>; attach it to the page so selenium can fill it.
@@ -91,7 +94,7 @@ def _prepare_notebook(work: Path, models: dict[str, Path]) -> tuple[str, list[in
     notebook = parameterize_notebook(notebook, {
         "DINO_MODEL": str(models["dino"]), "SAM_MODEL": str(models["sam"]), "CLIPSEG_MODEL": str(models["clipseg"]),
         "OUT_DIR": str(work / "out"), "DEVICE": "cpu", "BOX_THRESHOLD": 1.0, "CLIPSEG_THRESHOLD": 0.0,
-        "TEXT_PROMPT": "car.",
+        "TEXT_PROMPT": "car.", "SAM3_MODEL": str(work / "no-such-sam3"),  # the SAM 3 backend fails to load
     })
     code = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     setup = code[:code.index(next(i for i in code if "SegmentConfig(" in notebook.cells[i].source)) + 1]
@@ -151,6 +154,9 @@ def _chromium(profile: Path):
                  f"--user-data-dir={profile}", "--window-size=1400,1000"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    # A headless window never has the focus (seen with Chromium 150): JupyterLab 4.6 then has no current widget and
+    # disables its notebook commands. With focus emulation the page behaves as the focused window a person uses.
+    driver.execute_cdp_cmd("Emulation.setFocusEmulationEnabled", {"enabled": True})
     driver.set_page_load_timeout(WAIT_S)
     driver.set_script_timeout(3 * WAIT_S)
     return driver
@@ -218,7 +224,8 @@ def _wait_text(driver, selector: str, text: str) -> str:
     return _css(driver, selector).text
 
 
-def _set_text(driver, placeholder: str, text: str) -> None:
+def _set_text(driver, placeholder: str, text: str, enter: bool = False) -> None:
+    """Type `text` into the box; `enter`: then press Enter (a path reaches the kernel on Enter only)."""
     from selenium.webdriver.common.keys import Keys
 
     box = _css(driver, f"input[placeholder='{placeholder}']")
@@ -228,6 +235,8 @@ def _set_text(driver, placeholder: str, text: str) -> None:
         if text:
             box.send_keys(text)
         if box.get_attribute("value") == text:
+            if enter:
+                box.send_keys(Keys.ENTER)
             return
     raise AssertionError(f"could not type {text!r}: the box reads {box.get_attribute('value')!r}")
 
@@ -238,6 +247,28 @@ def _upload(driver, path: Path) -> None:
     driver.find_element("id", "nbh-test-file").send_keys(str(path))
 
 
+def _ui_text(driver) -> str:
+    return driver.find_element("css selector", UI).text
+
+
+def _sliders_editable(driver) -> dict[str, bool]:
+    """Slider label -> whether its value can be changed (ipywidgets locks a disabled slider's readout)."""
+    return dict(driver.execute_script(f"""return Array.from(document.querySelectorAll('{UI} .widget-slider'), e =>
+        [e.querySelector('.widget-label').textContent, e.querySelector('.widget-readout').contentEditable === 'true'])"""))
+
+
+def _select(driver, option: str):
+    """The UI's dropdown that offers `option` (the option's value is its label; its text has no-break spaces)."""
+    return driver.execute_script(f"""return Array.from(document.querySelectorAll('{UI} select')).find(
+        select => Array.from(select.options, o => o.value).includes(arguments[0]))""", option)
+
+
+def _choose_models(driver, label: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(_select(driver, "SAM 3")).select_by_value(label)
+
+
 def test_q2_ui_in_a_real_browser(lab_page) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -245,9 +276,24 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     driver, work = lab_page
     titles = driver.execute_script(f"return Array.from(document.querySelectorAll('{UI} [title]'), e => e.title)")
     explained = ("Choose an image", "Forget the uploaded", "Path of an image", "What to find", "Minimum detection score",
-                 "Minimum score for matching", "Used only when no box", "Mask model size", "Find the prompt's objects")
+                 "Minimum score for matching", "Used only when no box", "SAM 3 only", "Mask model size",
+                 "Find the prompt's objects")
     missing = [start for start in explained if not any(title.startswith(start) for title in titles)]
     assert "null" not in titles and not missing, (missing, titles)
+
+    # SAM 3: only its own threshold can be changed; its model (a folder that does not exist) fails to load with the
+    # loader's message and no traceback, which goes once a load works (the GroundingDINO run below).
+    _choose_models(driver, "SAM 3")
+    sam2_only = ["box threshold", "text threshold", "CLIPSeg threshold"]
+    _wait(driver, lambda d: _sliders_editable(d) == {**dict.fromkeys(sam2_only, False), "SAM 3 threshold": True})
+    sam_size = _select(driver, "base-plus")
+    assert not sam_size.is_enabled()
+    _button(driver, "Segment").click()
+    failed = _wait_output(driver, "does not exist", 3 * WAIT_S)
+    assert "no-such-sam3" in failed and "Traceback" not in _ui_text(driver) and "TypeError" not in _ui_text(driver)
+    _choose_models(driver, "GroundingDINO → SAM 2.1")
+    _wait(driver, lambda d: _sliders_editable(d) == {**dict.fromkeys(sam2_only, True), "SAM 3 threshold": False})
+    assert sam_size.is_enabled()
 
     _set_text(driver, "cat. dog.", "")  # empty prompt: one clear line, no traceback
     _button(driver, "Segment").click()
@@ -260,19 +306,43 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     time.sleep(1.0)
     _css(driver, "input[placeholder='cat. dog.']").send_keys(Keys.ENTER)  # Enter runs Segment
     result = _wait_output(driver, "instance(s) for 'car.'", 3 * WAIT_S)  # loads the models first
-    assert "sample.jpg: 1 instance(s)" in result and _css(driver, ".nbh-result img").size["width"] > 100
+    # measured in one script: the "saved ..." line redraws the output, which would make a found <img> stale
+    width = driver.execute_script(f"return document.querySelector('{UI} .nbh-result img').getBoundingClientRect().width")
+    assert "sample.jpg: 1 instance(s)" in result and width > 100
     seen = driver.execute_script("return window.nbhSeen")
     assert any("Loading the models" in text for text in seen), seen
     assert any("Loading weights" in text for text in seen), f"model loading progress is shown in the UI: {seen}"
     _wait_output(driver, "saved mask.png")
+    assert "model time" in result and "for the whole click" in result
+    assert "does not exist" not in _ui_text(driver) and "Traceback" not in _ui_text(driver)
 
     other, small, huge = work / "other photo.png", work / "small.png", work / "huge.jpg"
     cv2.imwrite(str(other), np.full((90, 120, 3), 60, np.uint8))
     cv2.imwrite(str(small), np.full((30, 40, 3), 200, np.uint8))
     huge.write_bytes(np.random.default_rng(0).bytes(11 * 2**20))
     _upload(driver, small)
-    _wait_text(driver, ".widget-html", "uploaded small.png: 40 x 30 px")
-    _set_text(driver, "/path/to/image.jpg", f'"{other}"')  # typed after the upload: the path wins, quotes are fine
+    assert f"uploaded small.png: 40 x 30 px, {small.stat().st_size} bytes" in _wait_text(driver, ".widget-html", "uploaded")
+    _set_text(driver, "/path/to/image.jpg", f'"{other}"', enter=True)  # after the upload: the path wins, quotes are fine
+    _wait_text(driver, ".widget-html", f"other photo.png: 120 x 90 px, {other.stat().st_size} bytes")
+
+    # A path is checked once typed (Enter), not per keystroke; a non-image or a cut-short file is named as such.
+    driver.execute_script("window.nbhSources = []")
+    typo = str(work / "no such photo.jpg")
+    _set_text(driver, "/path/to/image.jpg", typo)
+    time.sleep(1.5)  # the kernel would have answered the keystrokes by now
+    _css(driver, "input[placeholder='/path/to/image.jpg']").send_keys(Keys.ENTER)
+    _wait_text(driver, ".widget-html", f"No file at {typo}")
+    sources = driver.execute_script("return window.nbhSources")
+    assert not [text for text in sources if "No file" in text and typo not in text or "is a folder" in text], sources
+    (work / "notes.txt").write_text("not a picture")
+    _set_text(driver, "/path/to/image.jpg", str(work / "notes.txt"), enter=True)
+    _wait_text(driver, ".widget-html", "notes.txt is not an image (.txt files are not supported)")
+    cut = work / "cut.jpg"
+    cv2.imwrite(str(cut), np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    _set_text(driver, "/path/to/image.jpg", str(cut), enter=True)
+    _wait_text(driver, ".widget-html", "cut.jpg is damaged or cut short")
+    _set_text(driver, "/path/to/image.jpg", str(other), enter=True)
     _wait_text(driver, ".widget-html", "other photo.png: 120 x 90 px")
     driver.execute_script("window.nbhSeen = []")
     ActionChains(driver).double_click(_button(driver, "Segment")).perform()
@@ -292,8 +362,14 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     note = _wait_text(driver, ".nbh-upload-note", "huge.jpg is 11.0 MB, over")
     assert "Type the file's path" in note and "websocket_max_message_size" in note
     assert "other photo.png" in _css(driver, ".widget-html").text  # the image that will be segmented is unchanged
-    _upload(driver, small)  # later uploads still reach the kernel
+    _upload(driver, small)  # later uploads still reach the kernel, and the note is the hint again
     _wait_text(driver, ".widget-html", "uploaded small.png")
+    _wait_text(driver, ".nbh-upload-note", "Uploads up to")
+    _upload(driver, huge)
+    _wait_text(driver, ".nbh-upload-note", "huge.jpg is 11.0 MB, over")
+    _button(driver, "Clear upload").click()  # Clear upload puts the hint back too
+    _wait_text(driver, ".nbh-upload-note", "Uploads up to")
+    assert "not uploaded" not in _css(driver, ".nbh-upload-note").text
 
     # Narrow, with the file browser open: rows wrap, nothing scrolls sideways, sliders keep their track and readout.
     driver.execute_script("window.jupyterapp.shell.activateById('filebrowser')")
