@@ -291,7 +291,7 @@ def test_video_end_to_end_tracks_json(sam3, tmp_path: Path, monkeypatch, capfd) 
     assert "skipped: cv-utils kernel could not be loaded (cannot reach huggingface.co)" in note
     assert result.frames == 4 and result.files["overlay"].is_file() and len(list(result.files["id_maps"].iterdir())) == 4
     data = json.loads(result.files["tracks"].read_text())
-    assert data["backend"] == "sam3" and "redetect_every" not in data
+    assert data["backend"] == "sam3" and data["video_settings"] == {"frame_stride": 1, "max_frames": None, "max_objects": 20, "overlay_alpha": 0.5}
     assert data["sam3_postprocessing"] == "skipped: cv-utils kernel could not be loaded (cannot reach huggingface.co)"
     ids = [entry["id"] for entry in data["objects"]]
     assert ids and len(ids) == len(set(ids)) and all(entry["label"] == "cat" for entry in data["objects"])

@@ -39,7 +39,7 @@ def test_video_run_writes_overlay_and_tracks(run_cli, tmp_path: Path) -> None:
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 and capture.get(cv2.CAP_PROP_FPS) == 8.0
     tracks = load_tracks(out / "tracks.json")
     objects = tracks["objects"]
-    assert tracks["redetect_every"] == 3 and tracks["max_objects"] == 2 and len(objects) >= 1
+    assert tracks["video_settings"]["redetect_every"] == 3 and tracks["video_settings"]["max_objects"] == 2 and len(objects) >= 1
     # MAX_OBJECTS counts objects at once: lost ones may be dropped for newcomers, never more than 2 live or seen.
     assert sum(o["state"] in ("visible", "lost") for o in objects) <= 2
     assert all(sum(f in [e["frame"] for e in o["frames"]] for o in objects) <= 2 for f in range(8))

@@ -99,11 +99,17 @@ def per_label_nms(detections: Detections, iou: float) -> Detections:
     return Detections(detections.boxes[keep], detections.scores[keep], detections.phrase_index[keep])
 
 
+def _best_rows(scores: np.ndarray, max_detections: int | None) -> np.ndarray:
+    """Indices of the `max_detections` highest scores (ties: the earlier first), in their original order (None: all)."""
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order if max_detections is None else order[:max_detections])
+
+
 def _keep_best(detections: Detections, max_detections: int | None) -> Detections:
     """At most `max_detections` boxes, the highest scores, in their original order (None: all)."""
     if max_detections is None or len(detections.scores) <= max_detections:
         return detections
-    keep = np.sort(np.argsort(-detections.scores, kind="stable")[:max_detections])
+    keep = _best_rows(detections.scores, max_detections)
     return Detections(detections.boxes[keep], detections.scores[keep], detections.phrase_index[keep])
 
 
@@ -316,9 +322,7 @@ class Sam3Backend:
         scores = np.concatenate([r["scores"].float().cpu().numpy() for _, r in found]).astype(np.float32)
         phrase_index = np.concatenate([np.full(len(r["scores"]), index, np.int64) for index, r in found])
         rows = per_label_nms_indices(Detections(boxes, scores, phrase_index), settings.nms_iou)
-        if settings.max_detections is not None:
-            rows = rows[np.argsort(-scores[rows], kind="stable")[: settings.max_detections]]
-        rows = np.sort(rows)
+        rows = np.sort(rows[_best_rows(scores[rows], settings.max_detections)])
         prompt = normalize_prompt(phrases)
         if not len(rows):
             return Segmentation.empty((height, width), prompt, f"SAM 3 found no instance of {prompt!r} above "

@@ -184,6 +184,11 @@ def _runtime(runtime: Runtime | None) -> Runtime:
     return runtime if runtime is not None else select_runtime(None, "auto", compile=False)
 
 
+def _bf16(runtime: Runtime) -> bool:
+    """bf16 where it pays: a CUDA device whose runtime chose bf16 (select_runtime checks the GPU supports it)."""
+    return runtime.is_cuda and runtime.amp_dtype == torch.bfloat16
+
+
 def _load(kind: str, model: str | os.PathLike, runtime: Runtime | None, model_class, processor_class,
           amp_dtype: torch.dtype | None, weight_dtype: torch.dtype = torch.float32) -> LoadedModel:
     runtime = _runtime(runtime)
@@ -224,7 +229,7 @@ def load_grounding_dino(model_id: str | os.PathLike = DEFAULT_DINO, runtime: Run
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
     runtime = _runtime(runtime)
-    amp = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else None
+    amp = torch.bfloat16 if _bf16(runtime) else None
     return _load("grounding-dino", model_id, runtime, AutoModelForZeroShotObjectDetection, AutoProcessor, amp)
 
 
@@ -256,7 +261,7 @@ def load_sam2_video(model_id: str | os.PathLike = DEFAULT_SAM, runtime: Runtime 
     from transformers import Sam2VideoModel, Sam2VideoProcessor
 
     runtime = _runtime(runtime)
-    weights = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else torch.float32
+    weights = torch.bfloat16 if _bf16(runtime) else torch.float32
     return _load("sam2-video", model_id, runtime, Sam2VideoModel, Sam2VideoProcessor, None, weights)
 
 
@@ -273,7 +278,7 @@ def load_sam3(model_id: str | os.PathLike = DEFAULT_SAM3, runtime: Runtime | Non
     from transformers import Sam3Model, Sam3Processor
 
     runtime = _runtime(runtime)
-    amp = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else None
+    amp = torch.bfloat16 if _bf16(runtime) else None
     return _load("sam3", model_id, runtime, Sam3Model, Sam3Processor, amp)
 
 
@@ -283,7 +288,7 @@ def load_sam3_video(model_id: str | os.PathLike = DEFAULT_SAM3, runtime: Runtime
     from transformers import Sam3VideoModel, Sam3VideoProcessor
 
     runtime = _runtime(runtime)
-    weights = torch.bfloat16 if runtime.is_cuda and runtime.amp_dtype == torch.bfloat16 else torch.float32
+    weights = torch.bfloat16 if _bf16(runtime) else torch.float32
     return _load("sam3-video", model_id, runtime, Sam3VideoModel, Sam3VideoProcessor, None, weights)
 
 

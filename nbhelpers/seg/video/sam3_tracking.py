@@ -29,20 +29,16 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from nbhelpers.platform import ensure_writable_dir
-from nbhelpers.seg.inputs import TextLimit, fit_phrases, normalize_prompt, prompt_phrases
+from nbhelpers.seg.inputs import TextLimit, fit_phrases, normalize_prompt
 from nbhelpers.seg.models import LoadedModel, Sam3Models, text_token_limit
 from nbhelpers.seg.types import DetectionSettings, FrameMasks, Track, VideoSegmentation, VideoSettings
-from nbhelpers.seg.video.export import finish_video_outputs
-from nbhelpers.seg.video.io import VideoInfo, probe_video
-from nbhelpers.seg.video.segment import (encode_track_mask, expected_frames, output_fps, run_frames, tracks_drawing,
-                                         warn_if_truncated, with_offload_retry)
+from nbhelpers.seg.video.io import VideoInfo
+from nbhelpers.seg.video.loop import segment_with
 
 
 _DROPPED_FRAME = torch.empty(0)  # stands for a streamed frame whose pixels were freed (one object for all of them)
@@ -254,10 +250,10 @@ class Sam3StreamingTracker:
 
 
 class _Sam3Run:
-    """Tracks of one pass; the interface `run_frames` drives (step, drawing, tracks)."""
+    """Tracks of one pass over SAM 3's session (a VideoPass of nbhelpers.seg.video.loop)."""
 
-    def __init__(self, info: VideoInfo, tracker: Sam3StreamingTracker, save_masks: bool):
-        self.info, self.tracker, self.save_masks = info, tracker, save_masks
+    def __init__(self, tracker: Sam3StreamingTracker, encode_mask: Callable[[np.ndarray], dict] | None):
+        self.tracker, self.encode_mask = tracker, encode_mask
         self.tracks: dict[int, Track] = {}
         self.seed_frame: int | None = None
 
@@ -268,7 +264,7 @@ class _Sam3Run:
             self.seed_frame = frame if self.seed_frame is None else self.seed_frame
         masks = dict(zip(result.object_ids, result.masks))
         for object_id, track in self.tracks.items():
-            track.record(frame, masks.get(object_id), encode_track_mask if self.save_masks else None)
+            track.record(frame, masks.get(object_id), self.encode_mask)
         return result
 
     @property
@@ -276,65 +272,66 @@ class _Sam3Run:
         """Objects in SAM 3's session now (the progress bar shows it)."""
         return len(self.tracker.session.obj_ids)
 
-    def drawing(self, frame: int, result: FrameMasks):
-        return tracks_drawing(self.tracks, frame, result, (self.info.height, self.info.width), "sam3-video")
+    @property
+    def frames_held_peak(self) -> int:
+        return self.tracker.frames_held_peak
+
+    def notes(self) -> str:
+        duplicates = len(self.tracker.duplicates)
+        return f" {duplicates} duplicate track(s) removed." if duplicates else ""
+
+
+class Sam3VideoAdapter:
+    """SAM 3 video for the video loop: its streaming session detects every phrase on every frame and keeps its own
+    identities, so of VideoSettings only frame_stride, max_frames and max_objects apply.
+
+    Args:
+        models: from load_sam3_models (the video model loads here, once). phrases: the prompt's phrases (each cut
+            to the video model's text limit). settings: `sam3_threshold` (detection score minimum) and `nms_iou`
+            (duplicate-track overlap). video_settings: max_objects is SAM 3's `max_num_objects`.
+    """
+
+    backend = "sam3"
+    tracker_name = "SAM 3"
+    out_of_memory_advice = ("Use fewer objects (MAX_OBJECTS), fewer phrases, a higher SAM3_THRESHOLD (fewer detections "
+                            "per frame: transformers compares the masks of every pair of them)")
+    no_match_hint = "SAM3_THRESHOLD"
+    drawing_source = "sam3-video"
+    video_fields = ("frame_stride", "max_frames", "max_objects", "overlay_alpha")
+
+    def __init__(self, models: Sam3Models, phrases: list[str], settings: DetectionSettings,
+                 video_settings: VideoSettings) -> None:
+        self.models, self.settings, self.max_objects = models, settings, video_settings.max_objects
+        self.sam3_video = models.video()
+        tokenizer = self.sam3_video.processor.tokenizer  # the video model reads the text itself
+        self.phrases = fit_phrases(phrases, [TextLimit("SAM 3 video", tokenizer, text_token_limit(self.sam3_video))])
+        self.prompt, self.device = normalize_prompt(self.phrases), self.sam3_video.device
+        self.postprocessing = report_sam3_postprocessing()  # before the first frame, where transformers would warn
+
+    def start(self, info: VideoInfo, output_fps: float, offload: tuple[bool, bool],
+              encode_mask: Callable[[np.ndarray], dict] | None) -> _Sam3Run:
+        tracker = Sam3StreamingTracker(self.sam3_video, self.phrases, info.height, info.width, self.settings,
+                                       self.max_objects, *offload)
+        return _Sam3Run(tracker, encode_mask)
+
+    def metadata(self, run: _Sam3Run) -> dict:
+        return {"detector": "sam3 (every frame)",
+                "models": self.models.describe() | {"sam3_video_backend": self.sam3_video.backend},
+                "sam3_postprocessing": self.postprocessing.description,
+                "duplicates_removed": len(run.tracker.duplicates)}
 
 
 def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], models: Sam3Models,
                        out_dir: str | os.PathLike, settings: DetectionSettings = DetectionSettings(),
                        video_settings: VideoSettings = VideoSettings(), save_id_maps: bool = False,
                        save_masks: bool = False, offload_frames: bool = False, offload_state: bool = False,
-                       alpha: float = 0.5, progress: bool = True) -> VideoSegmentation:
-    """SAM 3's `segment_video`: the same outputs (video_overlay.mp4, tracks.json, id maps), new objects found by
-    SAM 3's own per-frame detection. Options as in nbhelpers.seg.video.segment_video; of `video_settings` only
-    frame_stride, max_frames and max_objects apply (SAM 3 detects on every frame and keeps its own identities, so
-    redetect_every and the re-identification settings do not). `settings.sam3_threshold` is the detection score
-    minimum and `settings.nms_iou` the duplicate-track overlap.
+                       alpha: float | None = None, progress: bool = True) -> VideoSegmentation:
+    """SAM 3's `segment_video`: the same loop and outputs (video_overlay.mp4, tracks.json, id maps), new objects
+    found by SAM 3's own per-frame detection. Options as in nbhelpers.seg.video.segment_video; of `video_settings`
+    only frame_stride, max_frames, max_objects and overlay_alpha apply (SAM 3 detects on every frame and keeps its
+    own identities). `settings.sam3_threshold` is the detection score minimum and `settings.nms_iou` the
+    duplicate-track overlap.
     """
-    stride, max_frames, max_objects = video_settings.frame_stride, video_settings.max_frames, video_settings.max_objects
-    phrases = prompt_phrases(prompt)
-    info = probe_video(video)
-    out = ensure_writable_dir(Path(out_dir).expanduser(), "OUT_DIR")
-    sam3_video = models.video()
-    tokenizer = sam3_video.processor.tokenizer  # the video model reads the text itself
-    phrases = fit_phrases(phrases, [TextLimit("SAM 3 video", tokenizer, text_token_limit(sam3_video))])
-    postprocessing = report_sam3_postprocessing()  # before the first frame, where transformers would warn in red
-
-    def run_pass(offloaded: tuple[bool, bool]):
-        tracker = Sam3StreamingTracker(sam3_video, phrases, info.height, info.width, settings, max_objects, *offloaded)
-        return run_frames(_Sam3Run(info, tracker, save_masks), info, sam3_video.device, out, video_settings, alpha,
-                          save_id_maps, progress)
-
-    (run, frames, seconds, peak, files, codec), offloaded = with_offload_retry(
-        run_pass, (offload_frames, offload_state), "SAM 3",
-        "Use fewer objects (MAX_OBJECTS), fewer phrases, a higher SAM3_THRESHOLD (fewer detections per frame: "
-        "transformers compares the masks of every pair of them)")
-    tracker, prompt_text = run.tracker, normalize_prompt(phrases)
-    message = (f"{len(run.tracks)} object(s) tracked; first detection on frame {run.seed_frame}."
-               if run.seed_frame is not None else
-               f"no object matched {prompt_text!r} in any of the {frames} frames: the overlay is the plain video. "
-               f"Lower SAM3_THRESHOLD or rephrase the prompt.")
-    warn_if_truncated(info, frames, expected_frames(info, stride, max_frames))
-    if tracker.duplicates:
-        message += f" {len(tracker.duplicates)} duplicate track(s) removed."
-    result = VideoSegmentation(info.path.name, prompt_text, frames, (info.height, info.width), info.fps,
-                               output_fps(info, stride, max_frames), list(run.tracks.values()), run.seed_frame, codec, message,
-                               files, seconds, peak, tracker.frames_held_peak, *offloaded)
-    metadata = _metadata(result, models, sam3_video, settings, video_settings) | {
-        "sam3_postprocessing": postprocessing.description, "duplicates_removed": len(tracker.duplicates)}
-    result.files["tracks"] = finish_video_outputs(out, result.tracks, metadata)
-    return result
-
-
-def _metadata(result: VideoSegmentation, models: Sam3Models, sam3_video: LoadedModel, settings: DetectionSettings,
-              video_settings: VideoSettings) -> dict:
-    """tracks.json's metadata keys for a SAM 3 run."""
-    return {"video": result.video, "prompt": result.prompt, "frames": result.frames, "height": result.size[0],
-            "width": result.size[1], "source_fps": result.source_fps, "output_fps": result.output_fps,
-            "frame_stride": video_settings.frame_stride, "max_frames": video_settings.max_frames,
-            "seed_frame": result.seed_frame, "max_objects": video_settings.max_objects, "backend": "sam3",
-            "detector": "sam3 (every frame)", "thresholds": settings.as_dict(),
-            "models": models.describe() | {"sam3_video_backend": sam3_video.backend}, "codec": result.codec,
-            "seconds": round(result.seconds, 3), "frames_per_second": round(result.frames_per_second, 2),
-            "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes, "frames_held_peak": result.frames_held_peak,
-            "offload_frames": result.offload_frames, "offload_state": result.offload_state, "message": result.message}
+    return segment_with(lambda phrases: Sam3VideoAdapter(models, phrases, settings, video_settings), video, prompt,
+                        out_dir, settings, video_settings, save_id_maps, save_masks, (offload_frames, offload_state),
+                        video_settings.overlay_alpha if alpha is None else alpha, progress)
