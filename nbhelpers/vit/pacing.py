@@ -6,11 +6,13 @@ Every time the loop reads comes from `LoopClock.now` (time.monotonic), so one st
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 EVAL_SHARE = 0.05  # evaluation may cost at most this fraction of training time (auto schedule)
+REPLAN_TOLERANCE = 0.05  # a budgeted run is re-planned when its projected end is off by more than this share (or an epoch)
 WARMUP_STEPS = 2  # a call's first steps compile and warm up (allocator, autotuning): never timed
 PROBE_STEPS = 3  # the steps after them that time the first estimate (the loop syncs with the host after each group)
 
@@ -27,7 +29,7 @@ class LoopClock:
     checkpoint_seconds: float = 0.0  # duration of the latest last.pt write
     steady: list[float] = field(default_factory=lambda: [0.0, 0])  # [seconds, steps] after this call's warm-up
     epoch_steady: list[float] = field(default_factory=lambda: [0.0, 0])  # the same, within the current epoch
-    step_seconds: float | None = None  # seconds per step of the last epoch, warm-up excluded (what a plan uses)
+    epoch_step_seconds: list[float] = field(default_factory=list)  # seconds per step of each epoch, warm-up excluded
     estimated: bool = False  # whether the time estimate was printed in this call
 
     @staticmethod
@@ -62,9 +64,15 @@ class LoopClock:
         return seconds
 
     def end_epoch(self, steps: int, seconds: float) -> None:
-        """The plan's speed: this epoch's steady steps, or (all warm-up) its whole time per step."""
+        """Record the epoch's speed: its steady steps, or (all warm-up) its whole time per step."""
         seconds_timed, steps_timed = self.epoch_steady
-        self.step_seconds = seconds_timed / steps_timed if steps_timed else seconds / max(1, steps)
+        self.epoch_step_seconds.append(seconds_timed / steps_timed if steps_timed else seconds / max(1, steps))
+
+    @property
+    def step_seconds(self) -> float | None:
+        """What a plan uses: the median speed of the last 3 epochs (a slowdown counts from its second epoch on; one
+        epoch slowed by a passing load does not move the schedule)."""
+        return statistics.median(self.epoch_step_seconds[-3:]) if self.epoch_step_seconds else None
 
     def estimate_ready(self) -> float | None:
         """Steady seconds per step once PROBE_STEPS steps after warm-up are timed and no estimate was printed yet."""
@@ -99,8 +107,7 @@ def plan_budget(budget_seconds: float, clock: LoopClock, step: int, steps_per_ep
 
     Args:
         budget_seconds: the whole run's allowance (all sessions), measured from `clock.started`.
-        clock: with step_seconds measured (the last epoch's speed: a slowdown shows at once); evaluation and
-            checkpoint costs count once measured.
+        clock: with step_seconds measured (recent epochs' speed); evaluation and checkpoint costs count once measured.
         step: steps already taken.
     Returns:
         {"total_steps", "steps_per_second", "seconds_per_step_with_overhead", ...} for the checkpoint and summary.
@@ -117,3 +124,10 @@ def plan_budget(budget_seconds: float, clock: LoopClock, step: int, steps_per_ep
     return {"budget_seconds": budget_seconds, "total_steps": total, "steps_per_second": 1.0 / step_seconds,
             "seconds_per_step_with_overhead": per_step, "reserved_seconds": reserve,
             "planned_at_step": step, "planned_after_seconds": clock.elapsed()}
+
+
+def replan_due(plan: dict[str, Any], planned_steps: int, steps_per_epoch: int) -> bool:
+    """Whether a fresh `plan_budget` differs from the schedule in force by more than REPLAN_TOLERANCE of the budget
+    or one epoch's time: then the run is behind (or well ahead), and timing noise alone does not move the schedule."""
+    drift = abs(plan["total_steps"] - planned_steps) * plan["seconds_per_step_with_overhead"]
+    return drift > max(REPLAN_TOLERANCE * plan["budget_seconds"], steps_per_epoch * plan["seconds_per_step_with_overhead"])

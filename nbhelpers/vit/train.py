@@ -33,7 +33,7 @@ from nbhelpers.vit.config import PRESETS, Config
 from nbhelpers.vit.data import DataSplits, load_data
 from nbhelpers.vit.evaluate import DeviceData, evaluate_epoch, format_epoch, to_device
 from nbhelpers.vit.model import VisionTransformer
-from nbhelpers.vit.pacing import LoopClock, auto_eval_every, evaluation_epochs, plan_budget
+from nbhelpers.vit.pacing import LoopClock, auto_eval_every, evaluation_epochs, plan_budget, replan_due
 from nbhelpers.vit.state import FitResult, ModelEma, Schedule, TrainState
 
 LONG_RUN_SECONDS = 3600  # estimates above this say so and name a quicker preset (never a refusal)
@@ -382,12 +382,12 @@ def show_progress(bar: tqdm, state: TrainState, epoch: int, sums: torch.Tensor, 
 
 def plan_time_budget(loop: Loop) -> bool:
     """Fit the schedule to TIME_BUDGET_MINUTES (rank 0 decides): sized after the first epoch from the measured speed,
-    then shortened from where it is whenever the run falls behind. Returns True when the first plan was made."""
+    then resized from where it is whenever the run falls behind (or gets well ahead). True when the first plan was made."""
     state, train = loop.state, loop.config.train
     plan = distributed.broadcast_from_main(plan_budget(
         train.time_budget_minutes * 60, loop.clock, state.step, loop.steps_per_epoch, train.checkpoint_minutes, train.eval_final_epochs))
     first, before = state.budget_plan is None, state.total_steps
-    if not first and plan["total_steps"] >= before:
+    if not first and not replan_due(plan, before, loop.steps_per_epoch):
         return False  # on time: the schedule stays as planned
     state.schedule.resize(plan["total_steps"], state.step)
     state.budget_plan = plan | {"replans": 0 if first else state.budget_plan.get("replans", 0) + 1}
@@ -397,8 +397,8 @@ def plan_time_budget(loop: Loop) -> bool:
         epochs = f"{state.total_steps / loop.steps_per_epoch:.1f} epochs"
         tqdm.write(f"TIME_BUDGET_MINUTES={train.time_budget_minutes} sizes the run: {plan['steps_per_second']:.2f} steps/s measured "
                    f"-> {state.total_steps} steps ({epochs}; EPOCHS={train.epochs} is ignored)." if first else
-                   f"Behind the time budget at {plan['steps_per_second']:.2f} steps/s: the schedule now ends at step "
-                   f"{state.total_steps} ({epochs}) instead of {before}.")
+                   f"{'Behind' if state.total_steps < before else 'Ahead of'} the time budget at {plan['steps_per_second']:.2f} "
+                   f"steps/s: the schedule now ends at step {state.total_steps} ({epochs}) instead of {before}.")
     return first
 
 
