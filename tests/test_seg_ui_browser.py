@@ -329,7 +329,7 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     driver.execute_script("window.nbhSources = []")
     typo = str(work / "no such photo.jpg")
     _set_text(driver, "/path/to/image.jpg", typo)
-    time.sleep(1.5)  # the kernel would have answered the keystrokes by now
+    time.sleep(0.5)  # a pause before Enter; the kernel handles messages in order, so any sent per keystroke show first
     _css(driver, "input[placeholder='/path/to/image.jpg']").send_keys(Keys.ENTER)
     _wait_text(driver, ".widget-html", f"No file at {typo}")
     sources = driver.execute_script("return window.nbhSources")
