@@ -78,7 +78,7 @@ def test_missing_image_exits_2_with_one_line(tiny_seg_model_dirs, tmp_path: Path
 @pytest.mark.parametrize("case, expected", [
     ("empty prompt", "is empty"),
     ("bad model folder", "model folder './no-such-dino' does not exist"),
-    ("threshold out of range", "not in [0, 1]"),
+    ("threshold out of range", "box_threshold=1.5 must be in [0, 1]"),
     ("empty folder", "no images or videos in folder"),
     ("offline hub id", "hf download nbhelpers-tests/not-cached --local-dir DIR"),
 ])

@@ -1,6 +1,6 @@
 """Command line: text-prompted segmentation of an image, a folder of images, or a video.
 
-    python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR [--backend gdino-sam2|sam3]
+    python -m nbhelpers.seg IMAGE_OR_FOLDER --prompt "a cat. a remote" --out DIR [--backend NAME (registered backends)]
         [--sam3 ID_OR_DIR] [--sam3-video ID_OR_DIR] [--sam3-threshold F] [--sam3-mask-threshold F] [--box-threshold F] [--text-threshold F] [--clipseg-threshold F] [--nms-iou F] [--multimask]
         [--dino ID_OR_DIR] [--sam ID_OR_DIR] [--clipseg ID_OR_DIR] [--device D] [--batch-size N]
     python -m nbhelpers.seg VIDEO --prompt "a person. a dog" --out DIR [--redetect-every N] [--frame-stride N]
@@ -25,8 +25,8 @@ import traceback
 from functools import partial
 from pathlib import Path
 
-from nbhelpers.seg.types import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, DetectionSettings,
-                                 VideoSettings)
+from nbhelpers.seg.types import (DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM,
+                                 DEFAULT_SAM3, DetectionSettings, VideoSettings)
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -38,17 +38,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def fraction(text: str) -> float:
-    """argparse type for thresholds: a number in [0, 1] (argparse names this function in its own messages)."""
+    """argparse type for thresholds: a number (its range is DetectionSettings' to check, the one place it is)."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1]") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nbhelpers.seg.registry import backends
+
     defaults = DetectionSettings()
     parser = _Parser(prog="python -m nbhelpers.seg", description="Text prompt -> GroundingDINO boxes -> SAM 2.1 masks "
                      "(CLIPSeg fallback) for an image, every image of a folder, or a video (SAM 2 tracking).")
@@ -57,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "animated GIF is a video, a single-frame GIF an image)")
     parser.add_argument("--prompt", required=True, help='objects to find, e.g. "a cat. a remote" or "cat, dog"')
     parser.add_argument("--out", required=True, type=Path, help="output folder (one subfolder per image)")
-    parser.add_argument("--backend", choices=("gdino-sam2", "sam3"), default="gdino-sam2",
-                        help="gdino-sam2: GroundingDINO boxes -> SAM 2.1 masks, CLIPSeg fallback (default); "
-                             "sam3: SAM 3 segments every instance of each phrase (video: detects on every frame)")
+    parser.add_argument("--backend", choices=list(backends()), default=DEFAULT_BACKEND,
+                        help="; ".join(f"{name}: {spec.label}" for name, spec in backends().items())
+                        + " (default %(default)s)")
     parser.add_argument("--sam3", default=DEFAULT_SAM3, help="SAM 3 hub id (gated: accept the licence, set HF_TOKEN) "
                         "or local folder")
     parser.add_argument("--sam3-video", default=None, help="--backend sam3 only: SAM 3 video checkpoint, hub id or "
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sam", default=DEFAULT_SAM, help="SAM 2.1 hub id, tiny/small/base-plus/large or folder")
     parser.add_argument("--clipseg", default=DEFAULT_CLIPSEG, help="CLIPSeg hub id or local folder")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--overwrite", action="store_true", help="folder: redo inputs whose outputs are already complete")
     video = parser.add_argument_group("video")
     video_defaults = VideoSettings()
@@ -100,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let CLIPSeg add objects at re-detection frames too (by default it only seeds the first ones)")
     video.add_argument("--id-maps", action="store_true", help="also write a uint16 object-id PNG per frame")
     video.add_argument("--save-masks", action="store_true", help="RLE masks per frame in tracks.json")
+    video.add_argument("--overlay-alpha", type=fraction, default=video_defaults.overlay_alpha,
+                       help="mask opacity in video_overlay.mp4 (default %(default)s)")
     video.add_argument("--offload", action="store_true", help="keep frames and SAM 2 state on the CPU")
     return parser
 
@@ -120,6 +121,7 @@ def _check_before_imports(args: argparse.Namespace) -> Path:
         normalize_prompt(args.prompt)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        args.settings, args.video_settings = _settings(args), _video_settings(args)  # their ranges are checked here
     except (FileNotFoundError, ValueError) as error:
         raise BadInput(str(error)) from error
     return source
@@ -147,26 +149,22 @@ def _check_inputs(source: Path) -> None:
         raise ValueError("; ".join(str(error) for _, error in unreadable))
 
 
-def _prepare(args: argparse.Namespace, source: Path):
-    """Check the inputs that need the video reader and image decoder, then load the models; any problem here is the
-    user's to fix."""
+def _prepare(config, source: Path):
+    """Check the inputs that need the video reader and image decoder, then load the models of the configured
+    backend (its registry entry's loader); any problem here is the user's to fix."""
     from nbhelpers.platform import ensure_writable_dir, select_runtime
-    from nbhelpers.seg.models import ModelLoadError, load_models, load_sam3_models, resolve_model_source
+    from nbhelpers.seg.models import ModelLoadError
+    from nbhelpers.seg.registry import backend_spec
 
     try:
         _check_inputs(source)
-        ensure_writable_dir(args.out, "--out")
-        select_runtime(args.device, verbose=False)  # "cuda" without a GPU fails here
-        if args.backend == "sam3":
-            print(f"loading SAM 3: {args.sam3}", flush=True)
-            return source, load_sam3_models(args.sam3, args.sam3_video, device=args.device)
-        for model, kind in ((args.dino, "grounding-dino"), (args.sam, "sam2"), (args.clipseg, "clipseg")):
-            resolve_model_source(model, kind)  # a mistyped folder fails before the other models download
-        print(f"loading models: {args.dino} | {args.sam} | {args.clipseg}", flush=True)
-        models = load_models(args.dino, args.sam, args.clipseg, device=args.device)
+        ensure_writable_dir(Path(config.out_dir), "--out")
+        select_runtime(config.device, verbose=False)  # "cuda" without a GPU fails here
+        spec = backend_spec(config.backend)
+        print(f"loading models: {' | '.join(spec.model_names(config)) or spec.label}", flush=True)
+        return spec.load(config)
     except (FileNotFoundError, PermissionError, ValueError, ModelLoadError, RuntimeError) as error:
         raise BadInput(str(error)) from error
-    return source, models
 
 
 def report_unreadable(args: argparse.Namespace, name: str, error: Exception) -> None:
@@ -187,22 +185,22 @@ def _settings(args: argparse.Namespace) -> DetectionSettings:
 def _video_settings(args: argparse.Namespace) -> VideoSettings:
     return VideoSettings(frame_stride=args.frame_stride, max_frames=args.max_frames, redetect_every=args.redetect_every,
                          max_objects=args.max_objects, forget_after_s=args.forget_after,
-                         clipseg_redetect=args.clipseg_redetect)
+                         clipseg_redetect=args.clipseg_redetect, overlay_alpha=args.overlay_alpha)
 
 
 def video_options(args: argparse.Namespace) -> dict:
-    """segment_video's keyword arguments from the command line's video options."""
-    return dict(video_settings=_video_settings(args), save_id_maps=args.id_maps, save_masks=args.save_masks,
+    """segment_any_video's keyword arguments from the command line's video options."""
+    return dict(video_settings=args.video_settings, save_id_maps=args.id_maps, save_masks=args.save_masks,
                 offload_frames=args.offload, offload_state=args.offload)
 
 
 def run_video(args: argparse.Namespace, source: Path, models) -> int:
     """Segment a video into --out; returns the exit code."""
-    from nbhelpers.seg.pipeline import segment_any_video
+    from nbhelpers.seg.registry import segment_any_video
     from nbhelpers.seg.video import VideoOutOfMemoryError
 
     try:
-        result = segment_any_video(source, args.prompt, models, args.out, settings=_settings(args),
+        result = segment_any_video(source, args.prompt, models, args.out, settings=args.settings,
                                    **video_options(args))
     except (ValueError, VideoOutOfMemoryError) as error:  # bad options, an unreadable video, or too little GPU memory
         raise BadInput(str(error)) from error
@@ -219,13 +217,13 @@ def run(args: argparse.Namespace) -> int:
     from nbhelpers.seg.video import is_video_file
 
     args.device = distributed.init_from_env(args.device)  # under torchrun: this process's GPU
-    source, models = _prepare(args, source)
-    if is_video_file(source):
-        return run_video(args, source, models)
     config = pipeline.SegmentConfig(
         images=str(source), prompt=args.prompt, out_dir=str(args.out), backend=args.backend, dino_model=args.dino,
-        sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, sam3_video_model=args.sam3_video, detection=_settings(args), batch_size=args.batch_size, device=args.device,
-    )
+        sam_model=args.sam, clipseg_model=args.clipseg, sam3_model=args.sam3, sam3_video_model=args.sam3_video,
+        detection=args.settings, batch_size=args.batch_size, device=args.device, video_settings=args.video_settings)
+    models = _prepare(config, source)
+    if is_video_file(source):
+        return run_video(args, source, models)
     if source.is_dir():
         summary = run_folder(config, models, args.overwrite, video_options(args))
         return EXIT_BAD_INPUT if summary["counts"]["failed"] else EXIT_OK

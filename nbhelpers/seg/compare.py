@@ -16,7 +16,8 @@ import numpy as np
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import segment_image
 from nbhelpers.seg.inputs import load_image
-from nbhelpers.seg.pipeline import SegmentConfig, load_configured_models, segment_any_video
+from nbhelpers.seg.pipeline import SegmentConfig, load_configured_models
+from nbhelpers.seg.registry import backend_spec, backends, segment_any_video
 from nbhelpers.seg.stages import first_image
 from nbhelpers.seg.types import Segmentation, VideoSegmentation
 
@@ -25,14 +26,12 @@ from nbhelpers.seg.types import Segmentation, VideoSegmentation
 SAM3_VIDEO_LOGGER = "transformers.models.sam3_video.modeling_sam3_video"
 _CAPPED_PREFIX = "hitting self.max_num_objects"
 
-BACKEND_LABELS = {"gdino-sam2": "GroundingDINO → SAM 2.1 (+ CLIPSeg fallback)", "sam3": "SAM 3"}
-
 
 @dataclass
 class BackendRun:
     """What one backend did with the comparison's image and clip."""
 
-    backend: str  # "gdino-sam2" or "sam3"
+    backend: str  # its registry name (nbhelpers.seg.registry)
     models: dict[str, str]  # model ids (describe())
     parameters: int  # parameters of the models used for images (SAM 3: its image model)
     image: Segmentation
@@ -42,7 +41,8 @@ class BackendRun:
 
 
 def _parameters(models) -> int:
-    loaded = [models.image] if hasattr(models, "image") else [models.dino, models.sam, models.clipseg]
+    """Parameters of the loaded models held (LoadedModel fields: SAM 3's video model is loaded on first use, not here)."""
+    loaded = [value for value in vars(models).values() if hasattr(value, "model") and hasattr(value.model, "parameters")]
     return sum(parameter.numel() for item in loaded for parameter in item.model.parameters())
 
 
@@ -110,7 +110,7 @@ def compare_backends(config: SegmentConfig, video: bool = True) -> list[BackendR
         return None
     image_rgb = load_image(first_image(config))
     runs = []
-    for backend in BACKEND_LABELS:
+    for backend in backends():
         runs.append(run_backend(replace(config, backend=backend), backend, image_rgb, video))
     return runs
 
@@ -126,7 +126,7 @@ def comparison_table(runs: list[BackendRun]) -> str:
         tracks = found([track.label for track in clip.tracks]) if clip else "–"
         speed = f"{clip.frames_per_second:.2f} frames/s" if clip else "–"
         models = "<br>".join(escape(f"{key}: {value}") for key, value in run.models.items() if key.endswith("model"))
-        rows.append(f"<tr><td>{escape(BACKEND_LABELS[run.backend])}</td><td>{models}</td>"
+        rows.append(f"<tr><td>{escape(backend_spec(run.backend).label)}</td><td>{models}</td>"
                     f"<td>{run.parameters / 1e6:.1f} M</td><td>{escape(found(run.image.labels))} ({run.image.source})</td>"
                     f"<td>{run.image_seconds:.2f} s</td><td>{escape(tracks)}</td><td>{speed}</td></tr>")
     header = ("<tr><th>backend</th><th>models</th><th>parameters</th><th>image: found</th><th>image time</th>"
@@ -146,7 +146,7 @@ def show_comparison(runs: list[BackendRun] | None) -> None:
     figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5))
     for ax, run in zip(np.atleast_1d(axes), runs):
         show(run.image_rgb, run.image, title=f"prompt: {run.image.prompt!r}", ax=ax)
-        ax.set_title(f"{BACKEND_LABELS[run.backend]}\n{len(run.image)} instance(s) | {run.image.source}", fontsize=10)
+        ax.set_title(f"{backend_spec(run.backend).label}\n{len(run.image)} instance(s) | {run.image.source}", fontsize=10)
     display(figure)
     plt.close(figure)
     display(HTML(comparison_table(runs)))

@@ -26,6 +26,7 @@ from nbhelpers.seg import pipeline
 from nbhelpers.seg.export import OUTPUT_FILES, outputs_complete, remove_dead_temp_files
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.models import Sam3Models, SegmentationModels
+from nbhelpers.seg.registry import segment_any_video
 from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file
 from nbhelpers.seg.video.export import VIDEO_OUTPUTS
 
@@ -110,7 +111,7 @@ def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels | Sam3
     Args:
         config: `images` is the folder; outputs go to OUT/<input stem>/ (a video: video_overlay.mp4, tracks.json).
         overwrite: redo inputs whose outputs are already complete.
-        video_options: keyword arguments for `pipeline.segment_any_video` (frame_stride, redetect_every, ...).
+        video_options: keyword arguments for `registry.segment_any_video` (frame_stride, redetect_every, ...).
     """
     source, out_dir = config.image_source(), ensure_writable_dir(config.output_dir(), "OUT_DIR")
     images, videos = list_image_files(source), list_video_files(source)
@@ -132,7 +133,7 @@ def segment_one_video(file: Path, folder: Path, config: pipeline.SegmentConfig, 
     """One video of the folder into its own output folder, with the backend the models belong to; a bad video is
     recorded as failed, not raised."""
     try:
-        result = pipeline.segment_any_video(file, config.video_prompt or config.prompt, models, folder, settings=config.detection, **options)
+        result = segment_any_video(file, config.video_prompt or config.prompt, models, folder, settings=config.detection, **options)
     except (ValueError, VideoError, VideoOutOfMemoryError) as error:
         print(f"error: skipped {file.name}: {error}", file=sys.stderr, flush=True)
         return InputStatus(file.name, folder.name, "failed", str(error), distributed.rank())

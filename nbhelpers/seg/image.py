@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from nbhelpers.seg.backends import SegmentationBackend, as_backend
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, list_image_files, load_image, prompt_phrases
 from nbhelpers.seg.models import SegmentationModels
-from nbhelpers.seg.types import DetectionSettings, Segmentation
+from nbhelpers.seg.types import DEFAULT_BATCH_SIZE, DetectionSettings, Segmentation
 
 Models = SegmentationModels | SegmentationBackend  # loaded models (GroundingDINO, SAM 2.1, CLIPSeg) or any backend
 
@@ -39,7 +39,7 @@ def _named_sources(images) -> list[tuple[str, object]]:
 
 
 def iter_segmentations(images: str | os.PathLike | np.ndarray | Iterable, prompt: str | Sequence[str], models: Models,
-                       settings: DetectionSettings = DetectionSettings(), batch_size: int = 4, progress: bool = True,
+                       settings: DetectionSettings = DetectionSettings(), batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                        on_unreadable: Callable[[str, Exception], None] | None = None, profile: bool = False
                        ) -> Iterator[tuple[str, np.ndarray, Segmentation]]:
     """Like `segment_images`, but yields (name, image RGB, Segmentation) batch by batch (bounded memory).
@@ -72,7 +72,7 @@ def iter_segmentations(images: str | os.PathLike | np.ndarray | Iterable, prompt
 
 
 def segment_images(images: str | os.PathLike | np.ndarray | Iterable, prompt: str | Sequence[str], models: Models,
-                   settings: DetectionSettings = DetectionSettings(), batch_size: int = 4, progress: bool = True,
+                   settings: DetectionSettings = DetectionSettings(), batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                    skip_unreadable: bool = False, profile: bool = False) -> list[tuple[str, Segmentation]]:
     """Segment every image of a folder or list with one prompt (batched detection and SAM encoder).
 

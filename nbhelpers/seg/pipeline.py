@@ -5,7 +5,7 @@ Shared by the Q2 notebook and `python -m nbhelpers.seg`, so both write the same 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -13,20 +13,16 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from nbhelpers.platform import ensure_writable_dir, resolve_paths
-from nbhelpers.seg import ui
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import iter_segmentations
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files, load_image
-from nbhelpers.seg.models import Sam3Models, SegmentationModels, load_models, load_sam3_models
+from nbhelpers.seg.models import SHORT_NAMES, Sam3Models, SegmentationModels, load_models
+from nbhelpers.seg.registry import backend_names, backend_spec, segment_any_video
 from nbhelpers.seg.render import show_overlay, track_table
-from nbhelpers.seg.types import (DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3, DetectionSettings, Segmentation,
-                                 VideoSegmentation, VideoSettings)
-from nbhelpers.seg.video import segment_video
-from nbhelpers.seg.video.sam3_tracking import segment_video_sam3
+from nbhelpers.seg.types import (DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM,
+                                 DEFAULT_SAM3, DetectionSettings, Segmentation, VideoSegmentation, VideoSettings)
 
-# GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback): the default; SAM 3 alone; "both": the default, plus
-# `compare_backends` running the same image and clip through each
-BACKENDS = ("gdino-sam2", "sam3", "both")
+COMPARE = "both"  # BACKEND value: the default backend, plus `compare_backends` running every registered one
 
 SAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "assets" / "sample.jpg"
 SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "assets" / "sample_clip.mp4"
@@ -37,14 +33,14 @@ class SegmentConfig:
     images: str | None = None  # an image file or a folder of images; None = the sample image in assets/
     prompt: str = "car. sun."  # objects to find: "a cat. a remote", "cat, dog" or a list of phrases
     out_dir: str | None = None  # None = platform default (/kaggle/working/outputs/q2_seg, …, ./outputs/q2_seg)
-    backend: str = "gdino-sam2"  # "gdino-sam2" (GroundingDINO -> SAM 2.1), "sam3" (SAM 3 alone) or "both" (compare)
+    backend: str = DEFAULT_BACKEND  # a registered backend (nbhelpers.seg.registry.backend_names()) or "both" (compare)
     dino_model: str = DEFAULT_DINO  # GroundingDINO hub id, 'tiny' / 'base', or a local folder
     sam_model: str = DEFAULT_SAM  # SAM 2.1 hub id, 'tiny' / 'small' / 'base-plus' / 'large', or a local folder
     clipseg_model: str = DEFAULT_CLIPSEG  # CLIPSeg hub id or a local folder
     sam3_model: str = DEFAULT_SAM3  # SAM 3 hub id (gated: accept its licence, set HF_TOKEN) or a local folder
     sam3_video_model: str | None = None  # SAM 3 video checkpoint (hub id or folder); None = sam3_model
     detection: DetectionSettings = field(default_factory=DetectionSettings)  # thresholds, NMS, box cap, multimask
-    batch_size: int = 4  # images per forward pass
+    batch_size: int = DEFAULT_BATCH_SIZE  # images per forward pass
     device: str | None = None  # None = auto (cuda > mps > cpu)
     # video (segment_video)
     video: str | None = None  # a video file; None = the sample clip in assets/
@@ -54,6 +50,15 @@ class SegmentConfig:
     save_id_maps: bool = False  # also write a uint16 object-id PNG per frame
     save_masks: bool = False  # RLE masks per frame in tracks.json (bigger file)
     offload_video: bool = False  # keep frames and SAM 2 state on the CPU (less GPU memory, slower)
+
+    def __post_init__(self) -> None:
+        """A field given as None takes its default (the notebook passes None for every parameter it leaves alone)."""
+        for spec in fields(self):
+            if getattr(self, spec.name) is None:
+                default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+                object.__setattr__(self, spec.name, default)
+        if self.backend not in backend_choices():
+            raise ValueError(f"BACKEND={self.backend!r}: use one of {backend_choices()}.")
 
     def image_source(self) -> Path:
         return Path(self.images).expanduser() if self.images else SAMPLE_IMAGE
@@ -93,16 +98,18 @@ def check_images(config: SegmentConfig) -> None:
                          + "; ".join(str(error) for _, error in unreadable))
 
 
-def load_configured_models(config: SegmentConfig, backend: str | None = None) -> SegmentationModels | Sam3Models:
+def backend_choices() -> list[str]:
+    """BACKEND's values: every registered backend, then "both"."""
+    return backend_names() + [COMPARE]
+
+
+def load_configured_models(config: SegmentConfig, backend: str | None = None):
     """Check the configured images, then load (once per process) the models of `backend` (None: the configured
-    one; "both" loads the default's)."""
+    one; "both" loads the default's) through its registry entry (nbhelpers.seg.registry)."""
     backend = config.backend if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"BACKEND={backend!r}: use one of {list(BACKENDS)}.")
+    spec = backend_spec(DEFAULT_BACKEND if backend == COMPARE else backend)
     check_images(config)
-    if backend == "sam3":
-        return load_sam3_models(config.sam3_model, config.sam3_video_model, device=config.device)
-    return load_models(config.dino_model, config.sam_model, config.clipseg_model, device=config.device)
+    return spec.load(config)
 
 
 def plan_outputs(files: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
@@ -163,14 +170,6 @@ def show_results(results: list[SavedResult], max_images: int = 4) -> None:
 # ----------------------------------------------------------------------------- video
 
 
-def segment_any_video(video, prompt, models: SegmentationModels | Sam3Models, out_dir, **options) -> VideoSegmentation:
-    """`segment_video` for GroundingDINO + SAM 2 models, `segment_video_sam3` for SAM 3 models (which detects on
-    every frame, so `video_settings.redetect_every` does not apply to it). Options as for `segment_video`."""
-    if isinstance(models, Sam3Models):
-        return segment_video_sam3(video, prompt, models, out_dir, **options)
-    return segment_video(video, prompt, models, out_dir, **options)
-
-
 def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | None = None, verbose: bool = True
               ) -> VideoSegmentation:
     """Segment the configured video into OUT_DIR/video/<video stem>/ (video_overlay.mp4, tracks.json[, id_maps/]).
@@ -211,24 +210,28 @@ def show_video(result: VideoSegmentation, max_embed_mb: float = 25.0) -> None:
 
 def _configured_sam_size(config: SegmentConfig) -> str:
     """The UI dropdown entry standing for the configured SAM model (a hub id, short name or folder name)."""
-    name = str(config.sam_model).rstrip("/").lower()
-    for size in sorted(ui.SAM_CHECKPOINTS, key=len, reverse=True):  # 'base-plus' before shorter names
-        if name == size or name.endswith(f"hiera-{size}") or name == ui.SAM_CHECKPOINTS[size]:
+    name, checkpoints = str(config.sam_model).rstrip("/").lower(), SHORT_NAMES["sam2"]
+    for size in sorted(checkpoints, key=len, reverse=True):  # 'base-plus' before shorter names
+        if name == size or name.endswith(f"hiera-{size}") or name == checkpoints[size]:
             return size
     return "tiny"
 
 
 def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels | Sam3Models:
+    from nbhelpers.seg import ui
+
     if sam_checkpoint == ui.SAM3_CHECKPOINT:  # the SAM 3 backend: the configured checkpoint (maybe a folder)
         return load_configured_models(config, "sam3")
     # The configured SAM (maybe a local folder on offline Kaggle) stands for its own dropdown entry.
-    sam = config.sam_model if sam_checkpoint == ui.SAM_CHECKPOINTS[_configured_sam_size(config)] else sam_checkpoint
+    sam = config.sam_model if sam_checkpoint == SHORT_NAMES["sam2"][_configured_sam_size(config)] else sam_checkpoint
     return load_models(config.dino_model, sam, config.clipseg_model, device=config.device)
 
 
 def launch_ui(config: SegmentConfig):
     """Widgets (upload, prompt, thresholds, SAM size, run button) preset from `config`; None when headless."""
+    from nbhelpers.seg import ui  # ipywidgets: loaded only when a UI is asked for (the CLI never loads it)
+
     defaults = {"image_path": str(config.image_source()), "prompt": config.prompt,
-                "sam_size": _configured_sam_size(config), "backend": "sam3" if config.backend == "sam3" else "gdino-sam2",
-                } | config.detection.as_dict()
+                "sam_size": _configured_sam_size(config),
+                "backend": DEFAULT_BACKEND if config.backend == COMPARE else config.backend} | config.detection.as_dict()
     return ui.launch_ui(partial(_load_for_ui, config), defaults, config.output_dir() / "ui")

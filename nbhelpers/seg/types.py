@@ -13,7 +13,7 @@ numpy only (no torch, no transformers): rendering, export and the UI import it c
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ DEFAULT_SAM = "facebook/sam2.1-hiera-tiny"
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 DEFAULT_SAM3 = "facebook/sam3"  # one hub repo holds both the image (Sam3Model) and the video (Sam3VideoModel) model
 DEFAULT_BACKEND = "gdino-sam2"  # GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback): what the assignment asks for
+DEFAULT_BATCH_SIZE = 4  # images per forward pass
 
 # Segmentation.timings keys, in seconds. Batched stages are shared equally among the images of a batch.
 TIMING_STAGES = {
@@ -37,11 +38,19 @@ TIMING_STAGES = {
 }
 
 
+def _none_takes_default(settings: Any) -> None:
+    """Give every field passed as None its default (the notebook and the CLI pass None for what they leave alone)."""
+    for spec in fields(settings):
+        if getattr(settings, spec.name) is None:
+            object.__setattr__(settings, spec.name, spec.default)
+
+
 @dataclass(frozen=True)
 class DetectionSettings:
     """How objects are detected and segmented; shared by images, videos, the notebook, the CLI and the UI.
 
-    Raises ValueError naming the field when a value is out of range.
+    A field given as None takes its default. Raises ValueError naming the field when a value is out of range (the
+    one place the ranges are checked: the CLI, the notebook and the UI build this class).
     """
 
     box_threshold: float = 0.35  # GroundingDINO box score minimum (higher = fewer, surer boxes)
@@ -54,6 +63,7 @@ class DetectionSettings:
     sam3_mask_threshold: float = 0.5  # SAM 3 mask probability above which a pixel belongs to the instance
 
     def __post_init__(self) -> None:
+        _none_takes_default(self)
         for name in ("box_threshold", "text_threshold", "clipseg_threshold", "nms_iou", "sam3_threshold",
                      "sam3_mask_threshold"):
             value = getattr(self, name)
@@ -120,7 +130,8 @@ class Segmentation:
 class VideoSettings:
     """How a video is sampled and how its objects keep their ids; shared by the notebook, the CLI and segment_video.
 
-    Raises ValueError naming the field when a value is out of range.
+    A field given as None takes its default. Raises ValueError naming the field when a value is out of range (the
+    one place the ranges are checked).
     """
 
     frame_stride: int = 1  # process every n-th source frame (the overlay keeps the source's duration)
@@ -137,6 +148,7 @@ class VideoSettings:
     overlay_alpha: float = 0.5  # mask opacity in video_overlay.mp4 (0 = masks invisible, 1 = opaque)
 
     def __post_init__(self) -> None:
+        _none_takes_default(self)
         checks = {"frame_stride": (self.frame_stride >= 1, "use 1 (every frame) or more"),
                   "max_frames": (self.max_frames is None or self.max_frames >= 1, "use None (all) or at least 1"),
                   "redetect_every": (self.redetect_every >= 0, "use 0 (off) or a number of frames"),
