@@ -160,3 +160,24 @@ def test_settings_left_at_none_take_the_library_defaults() -> None:
     assert config == pipeline.SegmentConfig()
     with pytest.raises(ValueError, match="overlay_alpha=1.5: must be in"):
         VideoSettings(overlay_alpha=1.5)
+
+
+def test_a_backend_registered_in_the_test_is_in_the_ui_dropdown_and_runs(scripted_backend, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+    import IPython.display
+
+    from nbhelpers.seg import ui as ui_module
+
+    # No Jupyter kernel can run inside pytest: the rule is told there is one, and display only collects.
+    monkeypatch.setattr(ui_module, "noninteractive_reason", lambda: None)
+    monkeypatch.setattr(IPython.display, "display", lambda widget: None)
+    cv2.imwrite(str(tmp_path / "photo.png"), make_test_image(48, 64))
+    config = pipeline.SegmentConfig(images=str(tmp_path / "photo.png"), prompt="a box", out_dir=str(tmp_path / "out"),
+                                    backend="scripted")
+    widgets = pipeline.launch_ui(config)
+    assert ("Scripted boxes", "scripted") in set(widgets.backend.options) and widgets.backend.value == "scripted"
+    widgets.button.click()
+    widgets.wait_saved(60)
+    saved = json.loads((tmp_path / "out" / "ui" / "photo" / "detections.json").read_text())
+    assert saved["models"]["scripted_model"] == "box-v1" and [d["box_xyxy"] for d in saved["detections"]] == [list(BOX)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nbhelpers.seg import models as seg_models
+from nbhelpers.seg import registry
 from nbhelpers.seg.__main__ import main
 from nbhelpers.seg.backends import Sam3Backend, as_backend
 from nbhelpers.seg.image import segment_image, segment_images
@@ -152,7 +153,7 @@ def test_ui_backend_dropdown_runs_sam3(sam3_dirs, tiny_seg_model_dirs, tmp_path:
     widgets = ui.build_ui(loader, {"image_path": str(tmp_path / "photo.png"), "prompt": "cat", "sam3_threshold": 0.0},
                           tmp_path / "out")
     assert widgets.backend.value == "gdino-sam2" and set(widgets.backend.options) == {
-        (label, key) for key, label in ui.BACKENDS.items()}
+        (spec.label, name) for name, spec in registry.backends().items()}
     widgets.backend.value = "sam3"
     seg = ui.handle_click(widgets, loader, tmp_path / "out")
     assert asked == [ui.SAM3_CHECKPOINT] and seg is not None and seg.backend == "sam3" and len(seg) > 0

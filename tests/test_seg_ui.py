@@ -104,12 +104,9 @@ def test_widget_tree_types_ranges_and_defaults(loader) -> None:
     library_defaults = DetectionSettings()  # the one copy of the defaults: the UI must not have its own
     for name, slider in sliders.items():
         assert isinstance(slider, widgets.FloatSlider)
-        assert (slider.min, slider.max, slider.step) == (0.0, 1.0, 0.01)
         assert slider.value == pytest.approx(getattr(library_defaults, name))
     assert ui.settings == library_defaults and ui.current_settings() == library_defaults
-    assert isinstance(ui.sam_size, widgets.Dropdown) and list(ui.sam_size.options) == ["tiny", "small", "base-plus", "large"]
-    assert ui.sam_size.value == "tiny"  # same default as nbhelpers.seg.types.DEFAULT_SAM
-    assert all(checkpoint == f"facebook/sam2.1-hiera-{size}" for size, checkpoint in SAM_CHECKPOINTS.items())
+    assert isinstance(ui.sam_size, widgets.Dropdown) and ui.sam_size.value == "tiny"  # DEFAULT_SAM's size
     assert isinstance(ui.container, widgets.VBox) and ui.output in ui.container.children
     assert loader.loaded == []  # building the widgets loads nothing
 

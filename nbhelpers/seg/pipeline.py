@@ -218,10 +218,8 @@ def _configured_sam_size(config: SegmentConfig) -> str:
 
 
 def _load_for_ui(config: SegmentConfig, sam_checkpoint: str) -> SegmentationModels | Sam3Models:
-    from nbhelpers.seg import ui
-
-    if sam_checkpoint == ui.SAM3_CHECKPOINT:  # the SAM 3 backend: the configured checkpoint (maybe a folder)
-        return load_configured_models(config, "sam3")
+    if sam_checkpoint in backend_names():  # another backend than the default: its configured models (maybe folders)
+        return load_configured_models(config, sam_checkpoint)
     # The configured SAM (maybe a local folder on offline Kaggle) stands for its own dropdown entry.
     sam = config.sam_model if sam_checkpoint == SHORT_NAMES["sam2"][_configured_sam_size(config)] else sam_checkpoint
     return load_models(config.dino_model, sam, config.clipseg_model, device=config.device)

@@ -30,30 +30,27 @@ import numpy as np
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import segment_image
 from nbhelpers.seg.inputs import load_image
-from nbhelpers.seg.models import load_models, load_sam3_models, release
+from nbhelpers.seg.models import SHORT_NAMES, load_models, load_sam3_models, release
+from nbhelpers.seg.registry import backends
 from nbhelpers.seg.render import fit_for_display, overlay, show_overlay, summary_line
-from nbhelpers.seg.types import DEFAULT_SAM3, DetectionSettings, Segmentation
+from nbhelpers.seg.types import DEFAULT_BACKEND, DetectionSettings, Segmentation
 from nbhelpers.seg.ui_inputs import (check_image_path, decode_upload, describe_file, describe_upload, read_image_file,
                                      upload_entries, upload_guard_script, upload_name)
 from nbhelpers.seg.ui_widgets import NOTE_CLASS, UPLOAD_CLASS, arrange, make_controls, upload_hint
 
-SAM_CHECKPOINTS = {
-    "tiny": "facebook/sam2.1-hiera-tiny",
-    "small": "facebook/sam2.1-hiera-small",
-    "base-plus": "facebook/sam2.1-hiera-base-plus",
-    "large": "facebook/sam2.1-hiera-large",
-}
-BACKENDS = {"gdino-sam2": "GroundingDINO → SAM 2.1", "sam3": "SAM 3"}  # dropdown value -> its label
-SAM3_CHECKPOINT = DEFAULT_SAM3  # what the loader is asked for when the SAM 3 backend is chosen
+SAM_CHECKPOINTS = SHORT_NAMES["sam2"]  # the SAM 2.1 size dropdown: size -> hub id (nbhelpers.seg.models' table)
+# The loader is asked for the chosen SAM 2.1 checkpoint under the default backend, else for the backend's registry
+# name (nbhelpers.seg.registry); SAM 3's ("sam3") is also its short model name, so the default loader reads it as one.
+SAM3_CHECKPOINT = "sam3"
 SETTING_NAMES = tuple(setting.name for setting in fields(DetectionSettings))
 # Sliders for GroundingDINO's, CLIPSeg's and SAM 3's thresholds; the other DetectionSettings (nms_iou, max_detections,
 # multimask, sam3_mask_threshold) have no widget and are passed through from the configuration to segment_image.
-DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", "backend": "gdino-sam2",
+DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", "backend": DEFAULT_BACKEND,
                             **DetectionSettings().as_dict()}
 NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
 DISPLAY_MAX_SIDE = 1600  # pixels: the on-screen figure is drawn at most this large; saved files keep full size
 REPEAT_CLICK_S = 0.5  # a second press sent by the browser sooner than this after the first is a double-click
-ModelsLoader = Callable[[str], Any]  # SAM 2.1 checkpoint id -> SegmentationModels; SAM3_CHECKPOINT -> Sam3Models
+ModelsLoader = Callable[[str], Any]  # SAM 2.1 checkpoint id -> SegmentationModels; another backend's name -> its models
 
 # ----------------------------------------------------------------------------- environment
 
@@ -78,7 +75,7 @@ def noninteractive_reason() -> str | None:
 
 
 def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader,
-             settings: DetectionSettings = DetectionSettings(), backend: str = "gdino-sam2"
+             settings: DetectionSettings = DetectionSettings(), backend: str = DEFAULT_BACKEND
              ) -> tuple[Segmentation, np.ndarray]:
     """One "Segment" click without a browser: load the image and models, segment, draw.
 
@@ -88,7 +85,8 @@ def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader
         sam_size: one of SAM_CHECKPOINTS ("tiny", "small", "base-plus", "large").
         models_loader: SAM checkpoint id -> SegmentationModels.
         settings: passed to `segment_image`.
-        backend: one of BACKENDS; "sam3" asks the loader for SAM3_CHECKPOINT (sam_size is then unused).
+        backend: a registered backend (nbhelpers.seg.registry); another than the default asks the loader for its
+            name (sam_size is then unused).
     Returns:
         (Segmentation, overlay as (H, W, 3) uint8 RGB).
     """
@@ -97,16 +95,16 @@ def run_once(image: Any, prompt: str, sam_size: str, models_loader: ModelsLoader
 
 
 def _segment(image: Any, prompt: str, settings: DetectionSettings, sam_size: str,
-             models_loader: ModelsLoader, backend: str = "gdino-sam2") -> tuple[np.ndarray, Segmentation, Any]:
+             models_loader: ModelsLoader, backend: str = DEFAULT_BACKEND) -> tuple[np.ndarray, Segmentation, Any]:
     """Check the input, load the image and models, segment: (RGB image, Segmentation, models used)."""
     if not prompt or not prompt.strip():  # bad input is rejected before anything heavy starts
         raise ValueError("The prompt is empty: type what to segment, e.g. 'cat. dog.'.")
     if sam_size not in SAM_CHECKPOINTS:
         raise ValueError(f"SAM size {sam_size!r} is not one of {list(SAM_CHECKPOINTS)}.")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}.")
+    if backend not in backends():
+        raise ValueError(f"backend {backend!r} is not one of {list(backends())}.")
     image_rgb = load_image(image)
-    models = models_loader(SAM3_CHECKPOINT if backend == "sam3" else SAM_CHECKPOINTS[sam_size])
+    models = models_loader(SAM_CHECKPOINTS[sam_size] if backend == DEFAULT_BACKEND else backend)
     seg = segment_image(image_rgb, prompt.strip(), models, settings=settings)
     return image_rgb, seg, models
 
@@ -163,7 +161,7 @@ class SegmentationUI:
     settings: DetectionSettings = DetectionSettings()  # the settings without a widget come from here
     runs: int = 0  # runs started, double-clicks not counted
     last_sent: float | None = None  # browser time of the last press that started a run (seconds since the epoch)
-    backend: Any = None  # Dropdown of BACKENDS (None: GroundingDINO -> SAM 2.1)
+    backend: Any = None  # Dropdown of backend_labels() (None: the default backend)
     _saver: ThreadPoolExecutor | None = field(default=None, repr=False)
     _saving: Future | None = field(default=None, repr=False)
 
@@ -187,12 +185,12 @@ def build_ui(models_loader: ModelsLoader | None = None, defaults: dict | None = 
     if unknown:
         raise ValueError(f"defaults has unknown keys {sorted(unknown)}; allowed: {list(DEFAULTS)}.")
     values = {**DEFAULTS, **(defaults or {})}
-    if values["backend"] not in BACKENDS:
-        raise ValueError(f"defaults['backend']={values['backend']!r} is not one of {list(BACKENDS)}.")
+    if values["backend"] not in backends():
+        raise ValueError(f"defaults['backend']={values['backend']!r} is not one of {list(backends())}.")
     if values["sam_size"] not in SAM_CHECKPOINTS:
         raise ValueError(f"defaults['sam_size']={values['sam_size']!r} is not one of {list(SAM_CHECKPOINTS)}.")
     settings = DetectionSettings(**{name: values[name] for name in SETTING_NAMES})  # checks every value
-    ui = SegmentationUI(**make_controls(values, list(SAM_CHECKPOINTS), BACKENDS), container=None, settings=settings)
+    ui = SegmentationUI(**make_controls(values, list(SAM_CHECKPOINTS), backend_labels()), container=None, settings=settings)
     ui.container = arrange(ui)
     _wire(ui, _KeepLastLoaded(models_loader or default_models_loader), out_dir)
     return ui
@@ -358,9 +356,14 @@ def _loading_in_output(ui: SegmentationUI, loader: ModelsLoader) -> ModelsLoader
     return load
 
 
+def backend_labels() -> dict[str, str]:
+    """The backend dropdown: registry name -> label, every registered backend."""
+    return {name: spec.label for name, spec in backends().items()}
+
+
 def chosen_backend(ui: SegmentationUI) -> str:
     """The backend dropdown's value (GroundingDINO -> SAM 2.1 when the UI has no dropdown)."""
-    return ui.backend.value if ui.backend is not None else "gdino-sam2"
+    return ui.backend.value if ui.backend is not None else DEFAULT_BACKEND
 
 
 def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
@@ -368,7 +371,8 @@ def handle_click(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path 
     save the files at full resolution in the background."""
     started = time.perf_counter()
     ui.button.disabled = True
-    checkpoint = SAM3_CHECKPOINT if chosen_backend(ui) == "sam3" else SAM_CHECKPOINTS.get(ui.sam_size.value, "")
+    backend = chosen_backend(ui)
+    checkpoint = SAM_CHECKPOINTS.get(ui.sam_size.value, "") if backend == DEFAULT_BACKEND else backend
     first = not (isinstance(models_loader, _KeepLastLoaded) and models_loader.has(checkpoint))
     _show(ui.output, text="Loading the models and segmenting... (first run with this SAM size; download progress "
           "shows here)" if first else "Segmenting...")
