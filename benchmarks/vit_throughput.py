@@ -34,7 +34,7 @@ import contextlib
 import math
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,12 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (PEAK_BASIS, emit, environment, peak_flops, positive_int, profile_top_ops,  # noqa: E402
                      release_compiled, strict_fp32, target_fields, timed)  # noqa: E402
 from nbhelpers.platform import Runtime, select_runtime  # noqa: E402
-from nbhelpers.vit.augment import GpuAugment  # noqa: E402
 from nbhelpers.vit.config import Config, build_config  # noqa: E402
 from nbhelpers.vit.model import Attention, VisionTransformer  # noqa: E402
 from nbhelpers.vit.report import count_parameters, flops_per_image  # noqa: E402
 from nbhelpers.vit.state import TrainState  # noqa: E402
-from nbhelpers.vit.train import build_state, make_train_step, train_one_epoch  # noqa: E402
+from nbhelpers.vit.evaluate import DeviceData  # noqa: E402
+from nbhelpers.vit.train import build_state, make_loop, train_one_epoch  # noqa: E402
 
 MODELS = ("seed", "fast", "best")
 SEED_TARGETS = {"mfu": 0.40, "images_per_second": 17_500.0}
@@ -192,28 +192,32 @@ def measure_project(state: TrainState, config: Config, runtime: Runtime, setting
 # ----------------------------------------------------------------------------- full loop
 
 
-def loop_tensors(config: Config, images: int, device: torch.device) -> dict[str, Tensor]:
-    """Random uint8 images (N, 3, S, S) and labels on the device, N a whole number of batches (at least one)."""
+def loop_data(config: Config, images: int, device: torch.device) -> DeviceData:
+    """Random uint8 training images (N, 3, S, S) and labels on the device, N a whole number of batches (at least one)."""
     batch, size = config.train.batch_size, config.model.image_size
     count = max(1, images // batch) * batch
     generator = torch.Generator().manual_seed(1)
-    return {"train_images": torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator).to(device),
-            "train_labels": torch.randint(config.model.num_classes, (count,), generator=generator).to(device)}
+    no_images = torch.empty((0, 3, size, size), dtype=torch.uint8, device=device)  # evaluation is not timed here
+    no_labels = torch.empty(0, dtype=torch.int64, device=device)
+    return DeviceData(torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator).to(device),
+                      torch.randint(config.model.num_classes, (count,), generator=generator).to(device),
+                      no_images, no_labels, no_images, no_labels)
 
 
 def measure_full_loop(state: TrainState, config: Config, runtime: Runtime, settings: Settings) -> dict[str, Any]:
     """One epoch of the project's train_one_epoch, after a short untimed warm-up epoch of `settings.warmup` steps."""
     from tqdm.auto import tqdm
 
-    tensors = loop_tensors(config, settings.loop_images, runtime.device)
-    warm = {key: value[: max(1, settings.warmup) * config.train.batch_size] for key, value in tensors.items()}
-    train_step = make_train_step(state, GpuAugment(config.augment, config.model.num_classes), runtime, config)
-    state.model.train()
+    data = loop_data(config, settings.loop_images, runtime.device)
+    warm = max(1, settings.warmup) * config.train.batch_size
     with tempfile.TemporaryDirectory() as out_dir, tqdm(disable=True) as bar:
         state.step = 0
-        train_one_epoch(state, train_step, config, warm, Path(out_dir), bar)
-        state.step = 0  # the timed epoch is epoch 0 again: the preset's first-epoch augmentation (MixUp/CutMix on)
-        record, seconds = timed(lambda: train_one_epoch(state, train_step, config, tensors, Path(out_dir), bar), runtime.device)
+        loop = make_loop(config, runtime, state, None, replace(data, train_images=data.train_images[:warm],
+                                                                 train_labels=data.train_labels[:warm]), Path(out_dir), bar)
+        train_one_epoch(loop)
+        # the timed epoch is epoch 0 again: the preset's first-epoch augmentation (MixUp/CutMix on)
+        loop.data, loop.first_step, state.step = data, 0, 0
+        record, seconds = timed(lambda: train_one_epoch(loop), runtime.device)
     return {"steps": record["steps"], "seconds_timed": seconds, "includes": loop_contents(config, runtime)}
 
 
