@@ -113,6 +113,10 @@ def check_q1_run(notebook, out_dir: Path) -> None:
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4, "plots are shown inline"
     assert any("final test accuracy" in output.get("text", "") for output in outputs)
+    # headless, the progress bar is text whose saved output ends at its last state: no widget frozen at "0%"
+    assert not [output for output in outputs if "application/vnd.jupyter.widget-view+json" in output.get("data", {})]
+    bar = "".join(output.get("text", "") for output in outputs if output.get("name") == "stderr" and "train:" in output.get("text", ""))
+    assert f"{summary['steps']}/{summary['steps']}" in bar.split("train:")[-1], bar[-300:]
     markdown = "\n".join(output.get("data", {}).get("text/markdown", "") for output in outputs)
     # the model section: a per-layer table whose total matches the trained model, and the patch grid figure
     assert f"**{summary['parameters']:,}**" in markdown and "| block 2 |" in markdown
@@ -195,10 +199,10 @@ def test_q2_notebook_segments_the_sample_image_and_compares_the_backends(tmp_pat
     tables = [output["data"]["text/html"] for output in outputs if "<th>backend</th>" in output.get("data", {}).get("text/html", "")]
     assert len(tables) == 1 and tables[0].count("<tr>") == 3 and "SAM 3" in tables[0] and "GroundingDINO" in tables[0]
     # the comparison cell shows no stderr (transformers' per-frame SAM 3 "max_num_objects" warning is counted instead)
-    assert not [output for output in cell_outputs(notebook, "compare.compare_backends(") if output.get("name") == "stderr"]
+    assert not [output for output in cell_outputs(notebook, "compare_backends(config)") if output.get("name") == "stderr"]
     # the walkthrough (one figure per stage) and the identities section's timeline
     assert figures_shown(notebook, *WALKTHROUGH, "render.track_timeline(") == dict.fromkeys([*WALKTHROUGH, "render.track_timeline("], 1)
-    (table,) = [output["data"]["text/html"] for output in cell_outputs(notebook, "pipeline.show_video(")
+    (table,) = [output["data"]["text/html"] for output in cell_outputs(notebook, "show_video(video_result)")
                 if "<th>label</th>" in output.get("data", {}).get("text/html", "")]
     assert table.count("<tr><td>#") == len(tracks["objects"]) and "frames with a mask (of 7)" in table and "None" not in table
 
