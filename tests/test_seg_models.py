@@ -15,21 +15,16 @@ from nbhelpers.seg.inference import (clipseg_probabilities, max_prompt_tokens, p
                                      sam2_image_embeddings, sam2_masks_for_boxes)
 from nbhelpers.seg.models import (ModelLoadError, load_clipseg, load_grounding_dino, load_sam2,
                                   resolve_model_source)
-from nbhelpers.seg.types import DEFAULT_DINO
-from nbhelpers.testing import build_tiny_segmentation_models, make_test_image
+from nbhelpers.testing import make_test_image
 
 # ----------------------------------------------------------------------------- resolving and loading
 
 
-@pytest.mark.parametrize("kind, name, expected", [
-    ("sam2", "tiny", "facebook/sam2.1-hiera-tiny"),
-    ("sam2", "base-plus", "facebook/sam2.1-hiera-base-plus"),
-    ("sam2", "large", "facebook/sam2.1-hiera-large"),
-    ("grounding-dino", "base", "IDEA-Research/grounding-dino-base"),
-    ("grounding-dino", DEFAULT_DINO, DEFAULT_DINO),
-])
-def test_short_names_and_hub_ids_resolve(kind: str, name: str, expected: str) -> None:
-    assert resolve_model_source(name, kind) == (expected, False)
+@pytest.mark.parametrize("kind", ["grounding-dino", "sam2", "clipseg", "sam3"])
+def test_a_short_name_and_its_hub_id_resolve_alike(kind: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no folder here may be mistaken for a model
+    for short, hub_id in seg_models.SHORT_NAMES[kind].items():
+        assert resolve_model_source(short, kind) == resolve_model_source(hub_id, kind) == (hub_id, False)
 
 
 @pytest.mark.parametrize("name", ["/no/such/folder/grounding-dino", "./models/dino", "~/missing-model-dir", "a/b/c"])
@@ -49,13 +44,6 @@ def test_local_folders_load_with_backend_and_cache(tiny_seg_models, tiny_seg_mod
     # a second load of the same folder on the same device is the cached object, not a reload
     assert load_grounding_dino(tiny_seg_model_dirs["dino"], seg_models.select_runtime("cpu", verbose=False)) is dino
     assert max_prompt_tokens(dino) == 32
-
-
-def test_tiny_model_build_is_idempotent(tiny_seg_model_dirs) -> None:
-    weights = tiny_seg_model_dirs["sam"] / "model.safetensors"
-    before = weights.stat().st_mtime_ns
-    again = build_tiny_segmentation_models(tiny_seg_model_dirs["sam"].parent)
-    assert again == tiny_seg_model_dirs and weights.stat().st_mtime_ns == before
 
 
 def test_kaggle_style_nested_folder_is_found(tiny_seg_model_dirs, tmp_path: Path) -> None:
