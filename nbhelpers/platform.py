@@ -21,6 +21,45 @@ from typing import BinaryIO, Callable
 
 import torch
 
+# ----------------------------------------------------------------------------- front end (live notebook or headless)
+
+NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
+
+
+def noninteractive_reason() -> str | None:
+    """Why no live notebook front end is attached (so widgets would never update), or None when one is.
+
+    None only inside a Jupyter kernel whose current request came with allow_stdin=True: JupyterLab, Notebook, Colab
+    and VS Code send True; papermill and `jupyter nbconvert --execute` (nbclient) always send False.
+    NBHELPERS_NONINTERACTIVE=1/true/yes forces headless.
+    """
+    if os.environ.get(NONINTERACTIVE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return f"{NONINTERACTIVE_ENV}={os.environ[NONINTERACTIVE_ENV]}"
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return "IPython is not installed"
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None:
+        return "not running inside a Jupyter kernel"
+    if not getattr(kernel, "_allow_stdin", True):
+        return "the notebook is being executed headless (papermill / nbconvert)"
+    return None
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm progress bar: the notebook widget with a live front end, plain text otherwise.
+
+    A widget bar in a notebook executed headless (papermill) is saved as its first frame, a frozen "0%"; the text
+    bar's saved output ends at its final state instead.
+    """
+    if noninteractive_reason() is None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- platform + paths
 
 

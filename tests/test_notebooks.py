@@ -115,7 +115,7 @@ def check_q1_run(notebook, out_dir: Path) -> None:
     assert any("final test accuracy" in output.get("text", "") for output in outputs)
     # headless, the progress bar is text whose saved output ends at its last state: no widget frozen at "0%"
     assert not [output for output in outputs if "application/vnd.jupyter.widget-view+json" in output.get("data", {})]
-    bar = "".join(output.get("text", "") for output in outputs if output.get("name") == "stderr" and "train:" in output.get("text", ""))
+    bar = "".join(output.get("text", "") for output in cell_outputs(notebook, "fit_on_gpus(") if output.get("name") == "stderr")
     assert f"{summary['steps']}/{summary['steps']}" in bar.split("train:")[-1], bar[-300:]
     markdown = "\n".join(output.get("data", {}).get("text/markdown", "") for output in outputs)
     # the model section: a per-layer table whose total matches the trained model, and the patch grid figure

@@ -21,7 +21,7 @@ from nbhelpers.platform import Runtime, atomic_write
 from nbhelpers.vit.config import PRESETS, Config, ModelConfig
 from nbhelpers.vit.data import DataSplits
 from nbhelpers.vit.augment import normalize
-from nbhelpers.vit.evaluate import evaluate
+from nbhelpers.vit.evaluate import DeviceData, evaluate
 from nbhelpers.vit.model import VisionTransformer
 from nbhelpers.vit.state import FitResult, TrainState
 
@@ -371,19 +371,19 @@ def run_facts(state: TrainState, config: Config, run: dict[str, Any]) -> dict[st
         started = run.get("started_monotonic")
         facts["time_budget"] = {"budget_seconds": budget, "planned_steps": state.total_steps, "epochs": len(state.history),
                                 "actual_seconds": None if started is None else time.monotonic() - started,
-                                "actual_note": "this fit() call: data loading, compile, training, evaluation, checkpoints, final evaluation",
+                                "actual_note": "all sessions of the run (resumes included): start-up, compile, training, evaluation, checkpoints, final evaluation; a killed session counts up to its last checkpoint",
                                 "plan": state.budget_plan}
     return facts
 
 
-def finish(state: TrainState, config: Config, runtime: Runtime, data: DataSplits, tensors: dict[str, torch.Tensor], out_dir: Path,
+def finish(state: TrainState, config: Config, runtime: Runtime, data: DataSplits, device_data: DeviceData, out_dir: Path,
            run: dict[str, Any] | None = None) -> FitResult:
     """Final test evaluation (raw, EMA, flip TTA), run_summary.json and plots; returns the FitResult.
 
     Args:
         run: facts of this fit call: world_size, devices, started_monotonic (time.monotonic() when fit() began).
     """
-    images, labels, batch = tensors["test_images"], tensors["test_labels"], config.train.eval_batch_size
+    images, labels, batch = device_data.test_images, device_data.test_labels, config.train.eval_batch_size
     last = state.history[-1]  # raw and EMA test accuracy of the final weights were measured at the last epoch
     weights, why = choose_reported_weights(state)
     final_model = state.ema.module if weights == "ema" else state.model

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from nbhelpers import distributed
 from nbhelpers.platform import (
-    RunLock, Runtime, StopRequested, StopSignals, ensure_writable_dir, remove_stale_temp_files, resolve_paths, select_runtime,
+    RunLock, Runtime, StopRequested, StopSignals, ensure_writable_dir, progress_bar, remove_stale_temp_files, resolve_paths, select_runtime,
 )
 from nbhelpers.vit import report
 from nbhelpers.vit.augment import GpuAugment
@@ -218,7 +218,7 @@ def build_loop(config: Config, device: str | None, data_root: Path, out_dir: Pat
         check_space_for_checkpoints(state, config, out_dir)
     if distributed.rank() > 0:  # rank 0 keeps the (restored) stream; the others draw their own augmentation
         torch.manual_seed(distributed.augmentation_seed(config.train.seed, state.step))
-    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not distributed.is_main())
+    bar = progress_bar(total=state.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not distributed.is_main())
     if not bar.disable and state.step < state.total_steps:
         tqdm.write("estimated training time on this device: estimating… (the first steps compile and warm up; the next few are timed)")
     return make_loop(config, runtime, state, data, to_device(data, runtime.device), out_dir, bar, signals, clock)
@@ -275,7 +275,7 @@ def finish_run(loop: Loop) -> FitResult:
         save_best(state, config, out_dir, len(state.history))
     # report.finish times the run from a time.monotonic() start: the one that also counts earlier sessions
     run = {"world_size": distributed.world_size(), "devices": devices, "started_monotonic": time.monotonic() - loop.clock.elapsed()}
-    return report.finish(state, config, loop.runtime, loop.splits, vars(loop.data), out_dir, run)
+    return report.finish(state, config, loop.runtime, loop.splits, loop.data, out_dir, run)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
