@@ -151,6 +151,11 @@ def test_cli_help_loads_no_widget_module_and_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert "--backend {gdino-sam2,sam3}" in done.stdout
+    # what a CLI run imports (the pipeline, the folder run) loads no widget module either: only launch_ui does
+    code = ("import sys, nbhelpers.seg.pipeline, nbhelpers.seg.folder_run, nbhelpers.seg.compare\n"
+            "assert not [m for m in sys.modules if m.startswith('ipywidgets')]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
 
 
 def test_settings_left_at_none_take_the_library_defaults() -> None:
