@@ -16,7 +16,7 @@ import torch
 
 from nbhelpers.platform import DiskFullError, atomic_write, check_free_space
 from nbhelpers.vit.config import Config
-from nbhelpers.vit.state import TrainState
+from nbhelpers.vit.state import REPORT_FILES, TrainState
 
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it: they change
 # where and how fast we run, not what is trained.
@@ -30,8 +30,6 @@ OPTIMISATION_FIELDS = {"lr", "min_lr", "grad_clip"}
 # Keys every last.pt holds; a file without them is refused like a corrupt one.
 REQUIRED_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "step", "history", "best_val_accuracy",
                  "train_seconds", "config"}
-# What report.py writes beside the checkpoints; FRESH moves these aside too, so no old result sits beside a new run.
-REPORT_FILES = ("run_summary.json", "curves.png", "confusion.png", "misclassified.png", "attention.png")
 
 
 class CheckpointError(RuntimeError):

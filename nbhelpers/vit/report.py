@@ -23,7 +23,7 @@ from nbhelpers.vit.data import DataSplits
 from nbhelpers.vit.augment import normalize
 from nbhelpers.vit.evaluate import DeviceData, evaluate
 from nbhelpers.vit.model import VisionTransformer
-from nbhelpers.vit.state import FitResult, TrainState
+from nbhelpers.vit.state import REPORT_PLOTS, FitResult, TrainState
 
 # ----------------------------------------------------------------------------- measurements
 
@@ -540,7 +540,7 @@ def plot_attention(result: FitResult, count: int = 10, show: bool = True) -> Pat
     return finish_figure(figure, result.out_dir / "attention.png", show)
 
 
-PLOTS = {"curves": plot_curves, "confusion": plot_confusion, "misclassified": plot_misclassified, "attention": plot_attention}
+PLOTS = dict(zip(REPORT_PLOTS, (plot_curves, plot_confusion, plot_misclassified, plot_attention)))
 
 
 def show_plot(result: FitResult, name: str) -> None:

@@ -24,6 +24,12 @@ from nbhelpers.vit.model import VisionTransformer
 
 # ----------------------------------------------------------------------------- EMA
 
+# The plots report.py draws (<name>.png) and the files it writes beside the checkpoints; FRESH moves these aside too,
+# so no old result sits beside a new run.
+REPORT_PLOTS = ("curves", "confusion", "misclassified", "attention")
+REPORT_FILES = ("run_summary.json", *(f"{name}.png" for name in REPORT_PLOTS))
+
+
 
 class ModelEma(nn.Module):
     """Exponential moving average of a model's weights, updated on the device without host syncs.
