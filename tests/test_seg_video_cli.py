@@ -12,7 +12,7 @@ import pytest
 
 from nbhelpers.seg import __main__ as cli
 from nbhelpers.seg.video import load_tracks
-from nbhelpers.testing import make_test_frame, make_test_video, make_truncated_video
+from nbhelpers.testing import make_test_frame, make_test_image, make_test_video, make_truncated_video
 
 
 @pytest.fixture
@@ -110,6 +110,22 @@ def test_folder_of_only_videos_runs_from_cli_and_library(run_cli, tiny_seg_model
     assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0}
     assert json.loads((tmp_path / "library" / SUMMARY_FILE).read_text())["inputs"][0]["input"] == "street.mp4"
     assert (tmp_path / "library" / "street" / "tracks.json").is_file()
+    # the notebook's path: IMAGE_PATH a folder of videos passes the image check, run() segments the videos into the
+    # folders a folder run uses, and the walkthrough falls back to the sample image
+    from PIL import Image
+
+    from nbhelpers.seg import pipeline, stages
+
+    notebook = SegmentConfig(images=str(folder), prompt="a cat", out_dir=str(tmp_path / "notebook"))
+    pipeline.check_images(notebook)
+    assert pipeline.run(notebook, tiny_seg_models) == []
+    assert load_tracks(tmp_path / "notebook" / "street" / "tracks.json")["frames"] == 4
+    assert stages.first_image(notebook) == pipeline.SAMPLE_IMAGE
+    # images and videos together: both are segmented, each into its own folder
+    Image.fromarray(make_test_image(48, 64)).save(folder / "photo.png")
+    mixed = SegmentConfig(images=str(folder), prompt="a cat", out_dir=str(tmp_path / "mixed"))
+    assert [result.name for result in pipeline.run(mixed, tiny_seg_models)] == ["photo.png"]
+    assert (tmp_path / "mixed" / "photo" / "overlay.png").is_file() and (tmp_path / "mixed" / "street" / "tracks.json").is_file()
 
 
 class _Killed(BaseException):

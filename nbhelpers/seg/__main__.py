@@ -131,7 +131,7 @@ def _check_inputs(source: Path) -> None:
     """Raise ValueError when nothing in `source` can be segmented: a corrupt video, a folder with no image or video,
     or only unreadable images. Some bad inputs of a folder are left to the folder run, which reports each one as
     it skips it (and lists it in inputs_summary.json)."""
-    from nbhelpers.seg.folder_run import list_video_files
+    from nbhelpers.seg.video.io import list_video_files
     from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, find_unreadable_images, list_image_files
     from nbhelpers.seg.video import is_video_file, probe_video
     from nbhelpers.seg.video.io import VIDEO_EXTENSIONS

@@ -4,12 +4,9 @@ Used by the Q2 notebook's comparison section (BACKEND = "both"); outputs go to O
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from html import escape
-from typing import Iterator
 
 import numpy as np
 
@@ -23,8 +20,6 @@ from nbhelpers.seg.types import Segmentation, VideoSegmentation
 
 # transformers' SAM 3 video model logs "hitting self.max_num_objects=… with new_det_num=…" as a WARNING on every frame
 # where it detects more objects than it may track: in a notebook, a red block of identical lines.
-SAM3_VIDEO_LOGGER = "transformers.models.sam3_video.modeling_sam3_video"
-_CAPPED_PREFIX = "hitting self.max_num_objects"
 
 
 @dataclass
@@ -46,41 +41,6 @@ def _parameters(models) -> int:
     return sum(parameter.numel() for item in loaded for parameter in item.model.parameters())
 
 
-class _CappedFrames(logging.Filter):
-    """Drops SAM 3 video's per-frame "hitting self.max_num_objects" record and counts it; passes every other."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(_CAPPED_PREFIX):
-            self.frames += 1
-            return False
-        return True
-
-
-@contextlib.contextmanager
-def capped_objects_note(max_objects: int) -> Iterator[logging.Filter]:
-    """Within the block, count SAM 3 video's "more detections than max_num_objects" warnings instead of showing
-    them; after it, print one line saying on how many frames MAX_OBJECTS dropped detections (nothing if none).
-
-    Args:
-        max_objects: the MAX_OBJECTS the run used (named in the line).
-    Returns:
-        A context manager yielding the counting filter (its `frames`: warnings dropped so far).
-    """
-    logger, capped = logging.getLogger(SAM3_VIDEO_LOGGER), _CappedFrames()
-    logger.addFilter(capped)
-    try:
-        yield capped
-    finally:
-        logger.removeFilter(capped)
-    if capped.frames:
-        print(f"SAM 3 video: on {capped.frames} frame(s) it detected more objects than MAX_OBJECTS={max_objects} "
-              f"and did not track the extra ones (raise MAX_OBJECTS to follow more).", flush=True)
-
-
 def run_backend(config: SegmentConfig, backend: str, image_rgb: np.ndarray, video: bool = True) -> BackendRun:
     """Segment the image (and the configured clip) with one backend; files under OUT_DIR/compare/<backend>/."""
     models = load_configured_models(config, backend)
@@ -92,10 +52,9 @@ def run_backend(config: SegmentConfig, backend: str, image_rgb: np.ndarray, vide
                                                           "thresholds": config.detection.as_dict()})
     clip = None
     if video:
-        with capped_objects_note(config.video_settings.max_objects):
-            clip = segment_any_video(config.video_source(), config.video_prompt or config.prompt, models,
-                                     out / "video", settings=config.detection, video_settings=config.video_settings,
-                                     progress=False)
+        clip = segment_any_video(config.video_source(), config.video_prompt or config.prompt, models,
+                                 out / "video", settings=config.detection, video_settings=config.video_settings,
+                                 progress=False)
     return BackendRun(backend, models.describe(), _parameters(models), segmentation, image_rgb, seconds, clip)
 
 

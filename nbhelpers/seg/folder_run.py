@@ -27,7 +27,8 @@ from nbhelpers.seg.export import OUTPUT_FILES, outputs_complete, remove_dead_tem
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.models import Sam3Models, SegmentationModels
 from nbhelpers.seg.registry import segment_any_video
-from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError, is_video_file
+from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError
+from nbhelpers.seg.video.io import list_video_files
 from nbhelpers.seg.video.export import VIDEO_OUTPUTS
 
 SUMMARY_FILE = "inputs_summary.json"
@@ -40,11 +41,6 @@ class InputStatus:
     status: str  # "done" | "skipped" | "failed"
     reason: str = ""  # why it failed, or why it was skipped
     rank: int = 0  # the process that handled it
-
-
-def list_video_files(folder: Path) -> list[Path]:
-    """Video files directly inside `folder` (animated GIFs included), sorted by name."""
-    return sorted(path for path in folder.iterdir() if path.is_file() and is_video_file(path))
 
 
 def rank_share(planned: list[tuple[Path, Path]], block: int = 1) -> list[tuple[Path, Path]]:

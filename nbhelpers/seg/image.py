@@ -12,8 +12,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
+from nbhelpers.platform import progress_bar
 from nbhelpers.seg.backends import SegmentationBackend, as_backend
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, list_image_files, load_image, prompt_phrases
 from nbhelpers.seg.models import SegmentationModels
@@ -54,7 +54,7 @@ def iter_segmentations(images: str | os.PathLike | np.ndarray | Iterable, prompt
     backend = as_backend(models)
     phrases = backend.fit_phrases(prompt_phrases(prompt))
     sources = _named_sources(images)
-    with tqdm(total=len(sources), desc="segment", unit="image", disable=not progress) as bar:
+    with progress_bar(total=len(sources), desc="segment", unit="image", disable=not progress) as bar:
         for first in range(0, len(sources), batch_size):
             batch = []
             for name, source in sources[first : first + batch_size]:

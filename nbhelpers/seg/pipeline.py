@@ -21,6 +21,7 @@ from nbhelpers.seg.registry import backend_names, backend_spec, segment_any_vide
 from nbhelpers.seg.render import show_overlay, track_table
 from nbhelpers.seg.types import (DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM,
                                  DEFAULT_SAM3, DetectionSettings, Segmentation, VideoSegmentation, VideoSettings)
+from nbhelpers.seg.video.io import VIDEO_EXTENSIONS, list_video_files
 
 COMPARE = "both"  # BACKEND value: the default backend, plus `compare_backends` running every registered one
 
@@ -91,8 +92,12 @@ def output_folder(out: Path, name: str, used: set[str]) -> Path:
 
 
 def check_images(config: SegmentConfig) -> None:
-    """Raise before any model is loaded when IMAGE_PATH is missing, empty or holds unreadable images (all named)."""
-    unreadable = find_unreadable_images(config.image_source())
+    """Raise before any model is loaded when IMAGE_PATH is missing, empty or holds unreadable images (all named).
+    A folder holding videos and no image passes: `run` segments its videos."""
+    source = config.image_source()
+    if source.is_dir() and not list_image_files(source) and list_video_files(source):
+        return
+    unreadable = find_unreadable_images(source)
     if unreadable:
         raise ValueError(f"IMAGE_PATH: {len(unreadable)} unreadable image(s), no model loaded yet: "
                          + "; ".join(str(error) for _, error in unreadable))
@@ -136,9 +141,13 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
     models = models or load_configured_models(config)
     if planned is None:
         files = list_image_files(source) if source.is_dir() else [source]
-        if not files:
-            raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
-        planned = plan_outputs(files, out_dir)
+        videos = list_video_files(source) if source.is_dir() else []
+        if not files and not videos:
+            raise ValueError(f"no images or videos in folder {str(source)!r} (looked for "
+                             f"{', '.join(dict.fromkeys(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))}).")
+        planned = plan_outputs(files + videos, out_dir)  # named together, as a folder run names them
+        run_folder_videos(config, models, [item for item in planned if item[0] in videos], verbose)
+        planned = [item for item in planned if item[0] not in videos]
     folder_of = {file.name: folder for file, folder in planned}
     results = []
     for name, image, segmentation in iter_segmentations([file for file, _ in planned], config.prompt, models, config.detection,
@@ -152,6 +161,25 @@ def run(config: SegmentConfig, models: SegmentationModels | None = None,
             tqdm.write(f"{name}: {segmentation.summary()} -> {folder}{note}", file=sys.stdout)  # above the progress bar
         results.append(SavedResult(name, segmentation, folder, files))
     return results
+
+
+def run_folder_videos(config: SegmentConfig, models, planned: list[tuple[Path, Path]], verbose: bool = True
+                      ) -> list[VideoSegmentation]:
+    """The videos of an IMAGE_PATH folder, each into its output folder (video_overlay.mp4, tracks.json), with the
+    configured video settings; `run_video` is for the one configured VIDEO_PATH."""
+    results = []
+    for video, folder in planned:
+        result = segment_any_video(video, config.video_prompt or config.prompt, models, folder, **video_options(config))
+        if verbose:
+            print(f"{video.name}: {result.summary()} -> {folder}", flush=True)
+        results.append(result)
+    return results
+
+
+def video_options(config: SegmentConfig) -> dict:
+    """Keyword arguments of `segment_any_video` from the configuration."""
+    return dict(settings=config.detection, video_settings=config.video_settings, save_id_maps=config.save_id_maps,
+                save_masks=config.save_masks, offload_frames=config.offload_video, offload_state=config.offload_video)
 
 
 def show_results(results: list[SavedResult], max_images: int = 4) -> None:
@@ -179,11 +207,8 @@ def run_video(config: SegmentConfig, models: SegmentationModels | Sam3Models | N
     """
     source = config.video_source()
     models = models or load_configured_models(config)
-    result = segment_any_video(
-        source, config.video_prompt or config.prompt, models, config.output_dir() / "video" / (source.stem or "video"),
-        settings=config.detection, video_settings=config.video_settings, save_id_maps=config.save_id_maps,
-        save_masks=config.save_masks,
-        offload_frames=config.offload_video, offload_state=config.offload_video)
+    result = segment_any_video(source, config.video_prompt or config.prompt, models,
+                               config.output_dir() / "video" / (source.stem or "video"), **video_options(config))
     if verbose:
         print(result.summary(), "->", result.files["overlay"].parent, flush=True)
     return result

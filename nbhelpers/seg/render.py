@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from nbhelpers.seg.types import FrameDetections, Segmentation, VideoSegmentation
+from nbhelpers.seg.types import OVERLAY_ALPHA, FrameDetections, Segmentation, VideoSegmentation
 
 # ----------------------------------------------------------------------------- palette + checks
 
@@ -177,7 +177,7 @@ def fit_for_display(image_rgb: np.ndarray, seg: Segmentation, max_side: int = 16
 
 
 def overlay(
-    image_rgb: np.ndarray, seg: Segmentation, alpha: float = 0.5, draw_boxes: bool = True, draw_labels: bool = True,
+    image_rgb: np.ndarray, seg: Segmentation, alpha: float = OVERLAY_ALPHA, draw_boxes: bool = True, draw_labels: bool = True,
     color_indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Draw every instance on a copy of the image.

@@ -17,8 +17,9 @@ from nbhelpers.seg.backends import GroundingDinoSam2Backend, as_backend
 from nbhelpers.seg.inference import sam2_image_embeddings, sam2_masks_for_boxes
 from nbhelpers.seg.inputs import IMAGE_EXTENSIONS, list_image_files, load_image, normalize_prompt, prompt_phrases
 from nbhelpers.seg.models import Sam3Models, SegmentationModels
-from nbhelpers.seg.pipeline import SegmentConfig
+from nbhelpers.seg.pipeline import SAMPLE_IMAGE, SegmentConfig
 from nbhelpers.seg.types import DetectionSettings, FrameDetections, Segmentation
+from nbhelpers.seg.video.io import list_video_files
 
 
 @dataclass
@@ -38,6 +39,9 @@ def first_image(config: SegmentConfig) -> Path:
     if not source.is_dir():
         return source
     files = list_image_files(source)
+    if not files and list_video_files(source):  # a folder of videos: the walkthrough shows the sample image
+        print(f"IMAGE_PATH {str(source)!r} holds videos and no image: the stage-by-stage walkthrough uses {SAMPLE_IMAGE.name}.")
+        return SAMPLE_IMAGE
     if not files:
         raise ValueError(f"no images in folder {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return files[0]

@@ -27,6 +27,8 @@ DEFAULT_BACKEND = "gdino-sam2"  # GroundingDINO -> SAM 2.1 (+ CLIPSeg fallback):
 DEFAULT_BATCH_SIZE = 4  # images per forward pass
 
 # Segmentation.timings keys, in seconds. Batched stages are shared equally among the images of a batch.
+OVERLAY_ALPHA = 0.5  # mask opacity in every overlay drawn (images, the UI, video frames): 0 = invisible, 1 = opaque
+
 TIMING_STAGES = {
     "preprocess": "PIL conversion plus the GroundingDINO and SAM processors (resize, normalise, tokenise), to device",
     "detect": "GroundingDINO forward pass and box post-processing",
@@ -145,7 +147,7 @@ class VideoSettings:
     merge_iou: float = 0.7  # mask IoU above which two visible objects count as one ...
     merge_frames: int = 3  # ... once it lasts this many frames in a row: the younger id merges into the older; 0 = never
     clipseg_redetect: bool = False  # let CLIPSeg regions add objects at re-detection frames too (else it only seeds)
-    overlay_alpha: float = 0.5  # mask opacity in video_overlay.mp4 (0 = masks invisible, 1 = opaque)
+    overlay_alpha: float = OVERLAY_ALPHA  # mask opacity in video_overlay.mp4 (0 = masks invisible, 1 = opaque)
 
     def __post_init__(self) -> None:
         _none_takes_default(self)

@@ -1,12 +1,8 @@
 """A small ipywidgets front end: pick an image, type a prompt, tune thresholds, press "Segment".
 
-When is the UI shown? Only with a live Jupyter frontend attached. `launch_ui` prints a one-line note and
-returns None when:
-  * the environment variable NBHELPERS_NONINTERACTIVE is 1/true/yes;
-  * there is no IPython kernel (plain python, pytest, a terminal IPython);
-  * the kernel's current request came with allow_stdin=False. papermill (2.x sets no environment variable
-    of its own) and `jupyter nbconvert --execute` run cells through nbclient, which always sends
-    allow_stdin=False; JupyterLab, Notebook, Colab and VS Code send True because they can answer input().
+When is the UI shown? Only with a live Jupyter frontend attached (`nbhelpers.platform.noninteractive_reason`):
+`launch_ui` prints a one-line note and returns None under papermill / nbconvert, outside a kernel, or with
+NBHELPERS_NONINTERACTIVE=1.
 The models are loaded only when "Segment" is first clicked.
 Reading the image (path rules, uploads, the upload size guard) is in `ui_inputs`, the widgets and their layout in
 `ui_widgets`.
@@ -16,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nbhelpers.platform import noninteractive_reason
 from nbhelpers.seg.export import save_outputs
 from nbhelpers.seg.image import segment_image
 from nbhelpers.seg.inputs import load_image
@@ -47,29 +43,9 @@ SETTING_NAMES = tuple(setting.name for setting in fields(DetectionSettings))
 # multimask, sam3_mask_threshold) have no widget and are passed through from the configuration to segment_image.
 DEFAULTS: dict[str, Any] = {"image_path": "", "prompt": "", "sam_size": "tiny", "backend": DEFAULT_BACKEND,
                             **DetectionSettings().as_dict()}
-NONINTERACTIVE_ENV = "NBHELPERS_NONINTERACTIVE"
 DISPLAY_MAX_SIDE = 1600  # pixels: the on-screen figure is drawn at most this large; saved files keep full size
 REPEAT_CLICK_S = 0.5  # a second press sent by the browser sooner than this after the first is a double-click
 ModelsLoader = Callable[[str], Any]  # SAM 2.1 checkpoint id -> SegmentationModels; another backend's name -> its models
-
-# ----------------------------------------------------------------------------- environment
-
-
-def noninteractive_reason() -> str | None:
-    """Why no live widget UI is possible here (see the module docstring), or None when it is."""
-    if os.environ.get(NONINTERACTIVE_ENV, "").strip().lower() in ("1", "true", "yes"):
-        return f"{NONINTERACTIVE_ENV}={os.environ[NONINTERACTIVE_ENV]}"
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return "IPython is not installed"
-    kernel = getattr(get_ipython(), "kernel", None)
-    if kernel is None:
-        return "not running inside a Jupyter kernel"
-    if not getattr(kernel, "_allow_stdin", True):
-        return "the notebook is being executed headless (papermill / nbconvert)"
-    return None
-
 
 # ----------------------------------------------------------------------------- pipeline (no widgets)
 

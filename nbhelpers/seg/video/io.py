@@ -35,6 +35,11 @@ def is_video_file(path: str | os.PathLike) -> bool:
     return suffix in VIDEO_EXTENSIONS and (suffix != ".gif" or is_animated(path))
 
 
+def list_video_files(folder: str | os.PathLike) -> list[Path]:
+    """Video files directly inside `folder` (animated GIFs included), sorted by name."""
+    return sorted(path for path in Path(folder).iterdir() if path.is_file() and is_video_file(path))
+
+
 # ----------------------------------------------------------------------------- reading
 
 

@@ -29,13 +29,12 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from nbhelpers.platform import ensure_writable_dir
+from nbhelpers.platform import ensure_writable_dir, progress_bar
 from nbhelpers.seg.export import encode_masks
 from nbhelpers.seg.inputs import normalize_prompt, prompt_phrases
 from nbhelpers.seg.render import overlay
-from nbhelpers.seg.types import (DetectionSettings, FrameMasks, Segmentation, Track, VideoSegmentation,
+from nbhelpers.seg.types import (OVERLAY_ALPHA, DetectionSettings, FrameMasks, Segmentation, Track, VideoSegmentation,
                                  VideoSettings)
 from nbhelpers.seg.video.export import OVERLAY_FILE, IdMapWriter, begin_video_outputs, finish_video_outputs
 from nbhelpers.seg.video.io import REENCODE_HINT, VideoInfo, VideoWriter, iter_frames, probe_video
@@ -86,7 +85,7 @@ class VideoAdapter(Protocol):
 def segment_with(make_adapter: Callable[[list[str]], VideoAdapter], video: str | os.PathLike,
                  prompt: str | Sequence[str], out_dir: str | os.PathLike, settings: DetectionSettings,
                  video_settings: VideoSettings, save_id_maps: bool = False, save_masks: bool = False,
-                 offload: Offload = (False, False), alpha: float = 0.5, progress: bool = True) -> VideoSegmentation:
+                 offload: Offload = (False, False), alpha: float = OVERLAY_ALPHA, progress: bool = True) -> VideoSegmentation:
     """Run a backend's tracker through a video; write OUT/video_overlay.mp4, OUT/tracks.json[, OUT/id_maps/].
 
     Args:
@@ -161,7 +160,7 @@ def run_frames(run: VideoPass, adapter: VideoAdapter, info: VideoInfo, out_dir: 
     frames, start, worker = 0, time.perf_counter(), OrderedWorker()
     expected = expected_frames(info, settings.frame_stride, settings.max_frames)
     try:
-        with tqdm(total=expected, desc="video", unit="frame", disable=not progress) as bar:
+        with progress_bar(total=expected, desc="video", unit="frame", disable=not progress) as bar:
             for frame, (_, frame_rgb) in enumerate(prefetch(iter_frames(info, settings.frame_stride, settings.max_frames))):
                 result = run.step(frame, frame_rgb)
                 drawing = tracks_drawing(run.tracks, frame, result, size, adapter.drawing_source)

@@ -321,6 +321,47 @@ class Sam3VideoAdapter:
                 "duplicates_removed": len(run.tracker.duplicates)}
 
 
+# transformers' SAM 3 video logs "hitting self.max_num_objects ..." on every frame that detects more objects than it
+# may track; `capped_objects_note` counts those records and prints one line instead.
+SAM3_VIDEO_LOGGER = "transformers.models.sam3_video.modeling_sam3_video"
+_CAPPED_PREFIX = "hitting self.max_num_objects"
+
+
+class _CappedFrames(logging.Filter):
+    """Drops SAM 3 video's per-frame "hitting self.max_num_objects" record and counts it; passes every other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_CAPPED_PREFIX):
+            self.frames += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def capped_objects_note(max_objects: int) -> Iterator[logging.Filter]:
+    """Within the block, count SAM 3 video's "more detections than max_num_objects" warnings instead of showing
+    them; after it, print one line saying on how many frames MAX_OBJECTS dropped detections (nothing if none).
+
+    Args:
+        max_objects: the MAX_OBJECTS the run used (named in the line).
+    Returns:
+        A context manager yielding the counting filter (its `frames`: warnings dropped so far).
+    """
+    logger, capped = logging.getLogger(SAM3_VIDEO_LOGGER), _CappedFrames()
+    logger.addFilter(capped)
+    try:
+        yield capped
+    finally:
+        logger.removeFilter(capped)
+    if capped.frames:
+        print(f"SAM 3 video: on {capped.frames} frame(s) it detected more objects than MAX_OBJECTS={max_objects} "
+              f"and did not track the extra ones (raise MAX_OBJECTS to follow more).", flush=True)
+
+
 def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], models: Sam3Models,
                        out_dir: str | os.PathLike, settings: DetectionSettings = DetectionSettings(),
                        video_settings: VideoSettings = VideoSettings(), save_id_maps: bool = False,
@@ -332,6 +373,7 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
     own identities). `settings.sam3_threshold` is the detection score minimum and `settings.nms_iou` the
     duplicate-track overlap.
     """
-    return segment_with(lambda phrases: Sam3VideoAdapter(models, phrases, settings, video_settings), video, prompt,
-                        out_dir, settings, video_settings, save_id_maps, save_masks, (offload_frames, offload_state),
-                        video_settings.overlay_alpha if alpha is None else alpha, progress)
+    with capped_objects_note(video_settings.max_objects):
+        return segment_with(lambda phrases: Sam3VideoAdapter(models, phrases, settings, video_settings), video, prompt,
+                            out_dir, settings, video_settings, save_id_maps, save_masks, (offload_frames, offload_state),
+                            video_settings.overlay_alpha if alpha is None else alpha, progress)
