@@ -6,11 +6,15 @@ import pytest
 from nbhelpers.vit.config import PRESETS, build_config
 
 
-def test_all_presets_exist_and_validate():
-    assert {"seed", "fast", "best", "smoke"} <= set(PRESETS)
+def test_a_parameter_left_at_none_keeps_each_presets_value():
+    """The notebook and CLI pass every parameter, None where the user set nothing: None must mean the preset's value."""
+    import dataclasses
+
     for name in PRESETS:
         config = build_config(name)
-        assert config.preset == name
+        unset = {item.name: None for part in (config.model, config.augment, config.train) for item in dataclasses.fields(part)}
+        assert build_config(name, **unset) == config, name
+        assert build_config(name, depth=3).model.depth == 3 and build_config(name, depth=3).train == config.train
 
 
 # The seed write-up's "Final Configuration" (shared/seeds/000, lines 124-147), typed here by hand so the
