@@ -228,6 +228,35 @@ def test_constant_velocity_predicts_through_a_gap() -> None:
     assert np.allclose(motion.velocity, (3.0, -1.0), atol=0.1)
 
 
+def test_a_still_object_measured_on_its_first_frame_stays_put() -> None:
+    """The usual start: the filter is made and corrected on the same frame (and again after a restart). OpenCV's
+    correct() starts from the last prediction, which did not exist yet: the object was pulled to (0, 0) and took
+    a made-up velocity for several frames."""
+    from nbhelpers.seg.video.motion import ConstantVelocity
+
+    motion = ConstantVelocity(0, (500.0, 300.0), size=40)
+    for frame in range(4):
+        motion.update(frame, (500.0, 300.0))
+        assert np.allclose(motion.position(), (500.0, 300.0), atol=0.5) and np.allclose(motion.velocity, 0.0, atol=0.05)
+    motion.restart(9, (100.0, 100.0), size=40)
+    motion.update(9, (100.0, 100.0))
+    assert np.allclose(motion.position(), (100.0, 100.0), atol=0.5) and np.allclose(motion.velocity, 0.0, atol=0.05)
+
+
+def test_a_box_shifted_past_the_top_left_edge_covers_only_what_is_inside() -> None:
+    """A box moved by an object's velocity can reach past the frame's top or left edge: the overlap is measured on
+    the part inside the frame (a negative end once sliced the mask from the far side, giving IoU above 1)."""
+    from nbhelpers.seg.video.association import box_coverage, mask_box_iou
+
+    mask = np.zeros((48, 64), bool)
+    mask[0:10, 40:64] = True  # an object at the top right, far from the box
+    outside = np.asarray([[-10.0, 0.0, -5.0, 10.0]])  # wholly left of the frame
+    assert mask_box_iou([mask], outside)[0, 0] == 0.0 and box_coverage(mask, outside[0]) == 0.0
+    corner = np.zeros((48, 64), bool)
+    corner[0:4, 0:4] = True
+    assert mask_box_iou([corner], np.asarray([[-6.0, -6.0, 4.0, 4.0]]))[0, 0] == 1.0  # its inside part is the object
+
+
 def _identities_with_a_square() -> Identities:
     people = Identities(VideoSettings(), 12.0, (48, 64))
     square = FrameDetections(np.asarray([[20, 16, 30, 26]], np.float32), np.asarray([0.9], np.float32), ["square"], "t")

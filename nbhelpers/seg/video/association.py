@@ -90,7 +90,7 @@ def assign(cost: np.ndarray) -> list[tuple[int, int]]:
 
 def _pixels(box: np.ndarray) -> tuple[int, int, int, int]:
     x0, y0 = np.floor(box[:2]).astype(int).clip(0)
-    x1, y1 = np.ceil(box[2:]).astype(int)
+    x1, y1 = np.ceil(box[2:]).astype(int).clip(0)  # a box shifted past the top or left edge: no negative slice ends
     return int(x0), int(y0), int(x1), int(y1)
 
 

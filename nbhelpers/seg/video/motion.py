@@ -42,8 +42,12 @@ class ConstantVelocity:
 
     def update(self, frame: int, centre: tuple[float, float] | None) -> None:
         """Advance to `frame` (predicting each frame in between) and correct with `centre` if it was measured."""
-        for _ in range(frame - self.frame):
+        steps = frame - self.frame
+        for _ in range(steps):
             self.filter.predict()  # OpenCV also copies the prediction into statePost: no measurement needed after
+        if steps <= 0:  # correct() starts from statePre/errorCovPre, which only predict() sets: start from the state
+            self.filter.statePre = self.filter.statePost.copy()
+            self.filter.errorCovPre = self.filter.errorCovPost.copy()
         self.frame = max(self.frame, frame)
         if centre is not None:
             self.filter.correct(np.asarray(centre, np.float32).reshape(2, 1))
