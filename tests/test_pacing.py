@@ -159,3 +159,19 @@ def test_a_budget_run_killed_after_its_plan_resumes_with_it_and_counts_every_epo
     assert [r["epoch"] for r in result.history] == list(range(1, epochs + 1)) and budget["epochs"] == epochs
     # the stubbed device's seconds of all three sessions, plus the real seconds of the final report
     assert sum(parts) <= budget["actual_seconds"] < sum(parts) + 60, (parts, budget["actual_seconds"])
+
+
+def test_an_epoch_with_no_steady_step_makes_no_plan_from_compile_time():
+    """A resume that finishes an epoch in its first 2 steps (compile and warm-up) times no steady step: that epoch
+    records no speed, so a time budget is not re-planned from the compile time (it once cut a run short)."""
+    from nbhelpers.vit.pacing import WARMUP_STEPS, LoopClock
+
+    clock = LoopClock()
+    clock.start_epoch()
+    clock.lap(WARMUP_STEPS, WARMUP_STEPS)  # the session's first steps: warm-up only
+    clock.end_epoch(WARMUP_STEPS, seconds=30.0)  # 15 s a step, all of it compile
+    assert clock.step_seconds is None
+    clock.start_epoch()
+    clock.lap(WARMUP_STEPS + 10, 10)  # the next epoch: 10 steady steps
+    clock.end_epoch(10, seconds=1.0)
+    assert clock.step_seconds is not None and clock.step_seconds < 15.0

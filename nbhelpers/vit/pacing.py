@@ -64,9 +64,11 @@ class LoopClock:
         return seconds
 
     def end_epoch(self, steps: int, seconds: float) -> None:
-        """Record the epoch's speed: its steady steps, or (all warm-up) its whole time per step."""
+        """Record the epoch's speed from its steady steps; an epoch with none (all compile and warm-up, e.g. the last
+        steps of an epoch a resume finishes) records nothing, so no plan is made from compile time."""
         seconds_timed, steps_timed = self.epoch_steady
-        self.epoch_step_seconds.append(seconds_timed / steps_timed if steps_timed else seconds / max(1, steps))
+        if steps_timed:
+            self.epoch_step_seconds.append(seconds_timed / steps_timed)
 
     @property
     def step_seconds(self) -> float | None:

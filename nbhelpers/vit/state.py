@@ -115,7 +115,9 @@ class Schedule:
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1.0 + math.cos(math.pi * self.progress(step)))
 
     def resize(self, total_steps: int, step: int) -> None:
-        """End at `total_steps`, going on from `step`: the LR there is kept, and warm-up is never cut short."""
+        """End at `total_steps`, going on from `step`. After warm-up the LR at `step` is kept and the cosine goes on
+        from there; during warm-up, warm-up takes at most a quarter of the new length (never less than is done), so
+        a run resized much shorter warms up faster from here and still has most of its steps for the decay."""
         if step > self.warmup_steps:
             self.progress_at_resize, self.resized_at = self.progress(step), step
         else:

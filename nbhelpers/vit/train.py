@@ -384,6 +384,8 @@ def plan_time_budget(loop: Loop) -> bool:
     """Fit the schedule to TIME_BUDGET_MINUTES (rank 0 decides): sized after the first epoch from the measured speed,
     then resized from where it is whenever the run falls behind (or gets well ahead). True when the first plan was made."""
     state, train = loop.state, loop.config.train
+    if loop.clock.step_seconds is None:
+        return False  # no steady step timed yet (every rank has run the same steps): plan at a later epoch end
     plan = distributed.broadcast_from_main(plan_budget(
         train.time_budget_minutes * 60, loop.clock, state.step, loop.steps_per_epoch, train.checkpoint_minutes, train.eval_final_epochs))
     first, before = state.budget_plan is None, state.total_steps
