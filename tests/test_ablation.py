@@ -139,6 +139,9 @@ def test_study_trains_at_equal_budget_measures_and_resumes_after_a_kill(tmp_path
     final = summaries[0]["final_test_accuracy"]
     rows = {row.name: row for row in recipe.rows}
     assert rows["no-tta"].accuracy == final[final["reported_is"].split("+")[0]] and rows["no-ema"].accuracy == final["raw"]
+    # EMA's takeaway compares raw with EMA weights, both without TTA (not with the reported EMA + TTA figure)
+    ema = next(line for line in recipe.takeaways if line.startswith("EMA") or "EMA" in line.split(":")[0])
+    assert f"({100 * final['ema']:.1f}% with it, {100 * final['raw']:.1f}% without)" in ema, ema
 
 
 def test_a_summary_of_another_configuration_is_not_a_finished_run(tmp_path):

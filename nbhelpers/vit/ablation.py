@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from nbhelpers.platform import ensure_writable_dir, resolve_paths, select_runtime
-from nbhelpers.vit.config import Config, validate, validate_fields
+from nbhelpers.vit.config import AugmentConfig, Config, validate, validate_fields
 from nbhelpers.vit.launch import fit_in_subprocess, visible_gpus
 from nbhelpers.vit.model import VisionTransformer
 from nbhelpers.vit.report import data_label, device_label, finish_figure
@@ -47,7 +47,7 @@ from nbhelpers.vit.train import fit
 STUDIES = ("seed", "recipe")
 ALIASES = ("spt", "mix", "mlp_ratio")
 # Fields that say how to run, not what to train: they stay out of a run's identity (its folder hash).
-RUN_ONLY_FIELDS = ("out_dir", "resume", "fresh", "resume_from", "stop_after_epochs", "report_plots", "log_every")
+RUN_ONLY_FIELDS = ("out_dir", "resume", "fresh", "resume_from", "stop_after_epochs", "report_plots", "log_every", "device")
 # The seed write-up's own figures (best epoch on the test set, 100-200 epochs, its GPU), per step of its sequence.
 SEED_PUBLISHED = {"baseline": 72.43, "mixup-cutmix": 67.51, "deeper": 68.14, "higher-lr": 78.58, "spt": 79.12, "wider": 82.0}
 SEED_PUBLISHED_WHAT = {"baseline": "256x6, 100 epochs", "mixup-cutmix": "100 epochs", "deeper": "depth 8, 100 epochs",
@@ -91,6 +91,7 @@ class RunRow:
     epochs: int
     status: str  # "trained", "already finished", "from the reference run" or "failed: ..."
     published: float | None = None  # the seed write-up's figure for this step (seed study only)
+    baseline: float | None = None  # what this row is compared with, when not the reference's reported accuracy
 
 
 @dataclass
@@ -160,8 +161,8 @@ def apply_overrides(base: Config, overrides: dict[str, Any]) -> Config:
         settings.setdefault("tokenizer", "spt" if settings["spt"] else "patch")
     if "mix" in settings:
         on = bool(settings["mix"])
-        settings.setdefault("mixup_alpha", 0.8 if on else 0.0)
-        settings.setdefault("cutmix_alpha", 1.0 if on else 0.0)
+        settings.setdefault("mixup_alpha", AugmentConfig().mixup_alpha if on else 0.0)
+        settings.setdefault("cutmix_alpha", AugmentConfig().cutmix_alpha if on else 0.0)
     for name, value in settings.items():
         if name in owners:
             setattr(owners[name], name, tuple(value) if isinstance(value, list) else value)
@@ -469,8 +470,11 @@ def _row(plan: StudyPlan, index: int, statuses: dict[int, str], reference: dict[
         final = (reference or {}).get("final_test_accuracy", {})
         weights = "ema" if variant.from_reference == "no_tta" and final.get("reported_is", "").startswith("ema") else "raw"
         accuracy = final.get(weights) if reference else None
+        # raw against EMA weights, both without flip TTA (the reported accuracy has TTA: its gain is the no-tta row's)
+        baseline = final.get("ema") if variant.from_reference == "no_ema" else None
         return RunRow(variant.name, variant.change, plan.folders[0], accuracy, (reference or {}).get("train_seconds", 0.0),
-                      (reference or {}).get("parameters", 0), (reference or {}).get("epochs", 0), "from the reference run")
+                      (reference or {}).get("parameters", 0), (reference or {}).get("epochs", 0), "from the reference run",
+                      baseline=baseline)
     summary = finished_summary(folder, plan.configs[index])
     if summary is None:
         return RunRow(variant.name, variant.change, folder, None, 0.0, 0, 0, statuses.get(index, "not finished"), published)
@@ -503,6 +507,8 @@ def takeaways(result: StudyResult) -> list[str]:
     sentences = []
     for index in range(1, len(rows)):
         row, other = rows[index], rows[_delta_base(result, index)]
+        if row.baseline is not None:
+            other = dataclasses.replace(other, accuracy=row.baseline)
         if row.accuracy is None or other.accuracy is None:
             sentences.append(f"{row.change}: no result yet ({row.status}).")
             continue

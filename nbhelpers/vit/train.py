@@ -194,7 +194,8 @@ def open_loop(config: Config) -> Iterator[Loop]:
             stack.enter_context(RunLock(out_dir))
         signals = stack.enter_context(StopSignals())
         if distributed.is_main():
-            removed = remove_stale_temp_files(out_dir) + (remove_stale_temp_files(out_dir / "cache") if (out_dir / "cache").is_dir() else [])
+            cache = out_dir / "cache"  # a link (an ablation study's runs share one cache): other runs may be writing there
+            removed = remove_stale_temp_files(out_dir) + (remove_stale_temp_files(cache) if cache.is_dir() and not cache.is_symlink() else [])
             if removed:
                 print(f"Removed {len(removed)} temp file(s) left by an interrupted run: {', '.join(path.name for path in removed)}")
         loop = build_loop(config, device, paths.data_root, out_dir, signals, clock)
