@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nbhelpers import distributed
 from nbhelpers.platform import Runtime, available_memory
 
 from .config import Config, ModelConfig, validate_model
@@ -199,13 +200,17 @@ class VisionTransformer(nn.Module):
         """
         autocast = runtime.amp_dtype is not None
         estimate = estimate_training_memory(config, autocast, world_size)
-        free = available_memory(runtime.device)
-        if free is None or estimate.total_bytes <= free:
+        # every process decides on the least free memory of any (one refusing alone would leave the others waiting)
+        frees = [free for free in distributed.gather_objects(available_memory(runtime.device)) if free is not None]
+        free = min(frees) if frees else None
+        # on a CPU the data set is already loaded, so it is no longer in the free memory
+        needed = estimate.total_bytes - (estimate.data_bytes if runtime.device.type == "cpu" else 0)
+        if free is None or needed <= free:
             return estimate
         model, train = config.model, config.train
         shallow = [estimate_training_memory(replace(config, model=replace(model, depth=depth)), autocast, world_size).total_bytes
                    for depth in (0, 1)]
-        fitting = int((free - shallow[0]) // (shallow[1] - shallow[0]))
+        fitting = int((free + estimate.total_bytes - needed - shallow[0]) // (shallow[1] - shallow[0]))  # data as above
         hint = f"DEPTH={fitting} would fit with the other settings unchanged" if 1 <= fitting < model.depth else \
             f"lower DIM={model.dim}, MLP_DIM={model.mlp_dim} or BATCH_SIZE={train.batch_size}"
         raise ValueError(
