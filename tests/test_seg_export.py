@@ -254,6 +254,13 @@ def test_temp_files_of_killed_runs_are_removed_and_live_ones_kept(tmp_path: Path
     removed = {path.name for path in remove_dead_temp_files(tmp_path, started)}
     assert removed == {names[key] for key in ("dead", "mine_old", "atomic_old", "partial_old")}
     assert {path.name for path in tmp_path.iterdir()} == {names[key] for key in ("live", "atomic_new", "output")}
+    # without a start time (save_outputs, a video folder): a file another run is writing right now is kept, one
+    # untouched for longer than any live writer leaves its file is removed
+    partial = tmp_path / ".video_overlay.partial.mp4"
+    partial.write_bytes(b"frames so far")
+    assert remove_dead_temp_files(tmp_path) == []
+    os.utime(partial, (started - 7200, started - 7200))
+    assert remove_dead_temp_files(tmp_path) == [partial]
 
 
 def test_save_outputs_clears_a_killed_writers_temp_files(tmp_path: Path) -> None:

@@ -200,6 +200,9 @@ def save_outputs(image_rgb: np.ndarray, seg: Segmentation, out_dir: str | os.Pat
     return {key: out_dir / name for key, name in OUTPUT_FILES.items()}
 
 
+UNTOUCHED_FOR_S = 600.0  # seconds after which a temp file whose writer is unknown counts as left by a killed run
+
+
 def remove_dead_temp_files(folder: str | os.PathLike, started: float | None = None) -> list[Path]:
     """Delete the temp files killed runs left in `folder` (call at the start of a run writing there).
 
@@ -207,11 +210,12 @@ def remove_dead_temp_files(folder: str | os.PathLike, started: float | None = No
     (`nbhelpers.platform.atomic_write`'s `.NAME.*.tmp`, the video writer's `.NAME.partial.mp4`, this process's own)
     last written before `started`. A live process's files are kept: another run may be writing here.
     Args:
-        started: when the run began (time.time()); None = now.
+        started: when the run began (time.time()); None = UNTOUCHED_FOR_S ago (a file without a process id in its
+            name and untouched that long has no live writer: writers touch theirs every frame or within a second).
     Returns:
         The removed paths.
     """
-    folder, started = Path(folder), time.time() if started is None else started
+    folder, started = Path(folder), time.time() - UNTOUCHED_FOR_S if started is None else started
     removed = []
     for temp in [*folder.glob(".*.tmp"), *folder.glob(".*.partial.*")] if folder.is_dir() else []:
         try:
