@@ -35,6 +35,7 @@ def test_overrides_parse_strings_dicts_and_aliases(tmp_path):
     base = tiny_base(tmp_path)
     assert ablation.parse_overrides("dim=96, heads=3") == {"dim": 96, "heads": 3}
     assert ablation.parse_overrides({"DEPTH": 4}) == {"depth": 4}
+    assert ablation.parse_overrides("betas=(0.9,0.99), lr=0.002") == {"betas": (0.9, 0.99), "lr": 0.002}  # a comma in a value
     spt = ablation.apply_overrides(base, ablation.parse_overrides("spt=True"))
     assert spt.model.tokenizer == "spt" and base.model.tokenizer == "patch"  # the base is not changed
     mixed = ablation.apply_overrides(build_config("fast"), {"mix": False})

@@ -110,6 +110,10 @@ def test_folder_of_only_videos_runs_from_cli_and_library(run_cli, tiny_seg_model
     assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0}
     assert json.loads((tmp_path / "library" / SUMMARY_FILE).read_text())["inputs"][0]["input"] == "street.mp4"
     assert (tmp_path / "library" / "street" / "tracks.json").is_file()
+    again = run_folder(config, tiny_seg_models, video_options={"save_id_maps": True})  # now asked for id maps: redone
+    assert again["counts"] == {"done": 1, "skipped": 0, "failed": 0}
+    assert len(list((tmp_path / "library" / "street" / "id_maps").glob("*.png"))) == 4
+    assert run_folder(config, tiny_seg_models, video_options={"save_id_maps": True})["counts"]["skipped"] == 1
     # the notebook's path: IMAGE_PATH a folder of videos passes the image check, run() segments the videos into the
     # folders a folder run uses, and the walkthrough falls back to the sample image
     from PIL import Image

@@ -29,7 +29,7 @@ from nbhelpers.seg.models import Sam3Models, SegmentationModels
 from nbhelpers.seg.registry import segment_any_video
 from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError
 from nbhelpers.seg.video.io import list_video_files
-from nbhelpers.seg.video.export import VIDEO_OUTPUTS
+from nbhelpers.seg.video.export import ID_MAPS_DIR, VIDEO_OUTPUTS
 
 SUMMARY_FILE = "inputs_summary.json"
 
@@ -107,7 +107,8 @@ def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels | Sam3
     Args:
         config: `images` is the folder; outputs go to OUT/<input stem>/ (a video: video_overlay.mp4, tracks.json).
         overwrite: redo inputs whose outputs are already complete.
-        video_options: keyword arguments for `registry.segment_any_video` (frame_stride, redetect_every, ...).
+        video_options: keyword arguments for `registry.segment_any_video` (video_settings, save_id_maps, save_masks,
+            offload_frames, offload_state).
     """
     source, out_dir = config.image_source(), ensure_writable_dir(config.output_dir(), "OUT_DIR")
     images, videos = list_image_files(source), list_video_files(source)
@@ -116,6 +117,10 @@ def run_folder(config: pipeline.SegmentConfig, models: SegmentationModels | Sam3
     remove_killed_runs_temp_files(planned, is_video, out_dir, config.batch_size)
     image_todo, statuses = my_share([item for item in planned if not is_video[item[0]]], tuple(OUTPUT_FILES.values()), overwrite, config.batch_size)
     video_todo, skipped_videos = my_share([item for item in planned if is_video[item[0]]], VIDEO_OUTPUTS, overwrite)
+    if (video_options or {}).get("save_id_maps"):  # finished without id maps, which are asked for now: redo
+        lacking = {status.input for status in skipped_videos if not (out_dir / status.output / ID_MAPS_DIR).is_dir()}
+        video_todo += [item for item in planned if item[0].name in lacking]
+        skipped_videos = [status for status in skipped_videos if status.input not in lacking]
     statuses += skipped_videos
     if image_todo:
         results = pipeline.run(config, models, on_unreadable=report_failure(statuses, dict((f.name, d) for f, d in image_todo)), planned=image_todo)

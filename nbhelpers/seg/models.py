@@ -176,8 +176,14 @@ def text_token_limit(loaded: LoadedModel) -> int:
     `max_text_len`; CLIPSeg, SAM 3: the text encoder's `max_position_embeddings`; SAM 3 video: its detector's)."""
     config = loaded.model.config
     config = getattr(config, "detector_config", None) or config  # SAM 3 video: the detector reads the text
-    bound = getattr(config, "max_text_len", None) or config.text_config.max_position_embeddings
-    return int(min(loaded.processor.tokenizer.model_max_length, bound))
+    text_config = getattr(config, "text_config", None)
+    bound = getattr(config, "max_text_len", None) or getattr(text_config, "max_position_embeddings", None)
+    tokenizer = getattr(loaded.processor, "tokenizer", None)
+    limits = [limit for limit in (bound, getattr(tokenizer, "model_max_length", None)) if limit]
+    if not limits:
+        raise ValueError(f"{loaded.model_id}: its config names no text length limit (max_text_len or the text encoder's "
+                         "max_position_embeddings); give a GroundingDINO, CLIPSeg or SAM 3 checkpoint.")
+    return int(min(limits))
 
 
 def _runtime(runtime: Runtime | None) -> Runtime:

@@ -132,7 +132,7 @@ def parse_overrides(item: str | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(item, str) or not item.strip():
         raise ValueError(f"ABLATION item {item!r}: write a string such as 'depth=4' (several: 'dim=192,heads=3') or a dict such as {{'depth': 4}}.")
     overrides = {}
-    for part in item.split(","):
+    for part in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", item):  # a comma inside a value, as in betas=(0.9,0.99), stays
         name, separator, value = part.partition("=")
         if not separator or not name.strip():
             raise ValueError(f"ABLATION item {item!r}: {part.strip()!r} is not NAME=VALUE; write e.g. 'depth=4' or 'spt=False'.")

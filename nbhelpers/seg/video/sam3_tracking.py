@@ -109,6 +109,9 @@ def sam3_postprocessing() -> Sam3PostProcessing:
     """
     from transformers.models.sam3_video import modeling_sam3_video as sam3_video
 
+    if not hasattr(sam3_video, "_load_cv_utils_kernel_once"):  # transformers' own detail (checked on 5.24-5.25)
+        return Sam3PostProcessing(runs=False, description="unknown: this transformers version loads no cv-utils kernel "
+                                                          "the way 5.24-5.25 do")
     if sam3_video.cv_utils_kernel is None:
         with _captured_logs(sam3_video.logger.name, "kernels") as messages:
             sam3_video._load_cv_utils_kernel_once()
