@@ -28,7 +28,7 @@ def test_seg_speed_smoke_reports_every_measurement(benchmark_script, tiny_seg_mo
     images = by_kind["image_end_to_end"]
     assert [r["batch_size"] for r in images] == [1, 2] and all(r["ms_per_image"] > 0 for r in images)
     assert images[0]["boxes_per_image"] == 5, "max_detections=5 keeps five of the boxes"
-    assert images[0]["target"]["ms_per_image"] == 100.0 and images[0]["target_met"] is None  # targets are for an H100
+    assert images[0]["target_met"] is None  # targets are judged only on an H100
     assert by_kind["clipseg"][0]["ms_per_image"] > 0
     short, long = by_kind["video_end_to_end"]
     assert (short["frames"], long["frames"]) == (6, 24) and long["frames_per_second"] > 0
@@ -46,7 +46,6 @@ def test_ui_speed_smoke_reports_a_click(benchmark_script, capsys, one_thread) ->
     (record,) = json_lines(capsys.readouterr().out)
     assert (record["width"], record["height"]) == (600, 400) and record["saved"]
     assert 0 < record["model_s"] < record["click_s"] <= record["saved_s"]
-    assert record["target_s"] == pytest.approx(3 * record["model_s"] + 2, abs=0.01)
 
 
 def test_seg_speed_sam3_smoke_reports_image_and_video(benchmark_script, tiny_sam3_model_dirs, capsys, one_thread,
