@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Regenerate reports/q1_cpu/: the Q1 notebook executed on this machine's CPU with the `cpu` preset on real CIFAR-10
-# (the JPEG copy of /work/shared/data, unpacked once), as a notebook and as HTML, with device, data, date and wall
+# (the JPEG copy in ../shared/data, unpacked once), as a notebook and as HTML, with device, data, date and wall
 # time in the first cell; the preset's measured time per epoch is added to benchmarks/preset_epoch_times.json.
 #
 #   bash reports/make_q1_cpu_report.sh                       # the real run (about 30 minutes on a quiet 2-core CPU)
 #   bash reports/make_q1_cpu_report.sh -p ABLATION recipe    # extra papermill arguments go to the notebook
 #
-# Environment: PACK (the CIFAR-10 JPEG pack), DATA (where to unpack it), REPORT (output folder), PRESET (default cpu),
+# Environment: PACK_TOOL (the JPEG pack's unpacking tool), DATA (where to unpack it), REPORT (output folder), PRESET (default cpu),
 # DATA_NAME (what the tables call the data), RECORD=0 (do not record the epoch time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACK_TOOL=${PACK_TOOL:-/work/shared/tools/cifar10_jpeg.py}
+PACK_TOOL=${PACK_TOOL:-../shared/tools/cifar10_jpeg.py}  # beside this checkout, as on the project machines
 DATA=${DATA:-data/cifar10-jpeg}
 REPORT=${REPORT:-reports/q1_cpu}
 PRESET=${PRESET:-cpu}
