@@ -94,7 +94,7 @@ def test_stamp_notebook_puts_run_facts_first_and_drops_frozen_widget_bars(tmp_pa
                                                        "text/plain": "train:   0%|          | 0/31"})
     text = nbformat.v4.new_output("stream", name="stdout", text="epoch 1/1 | test 0.5\n")
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("fit()", outputs=[bar, text])])
-    notebook.metadata["papermill"] = {"duration": 125.0}
+    notebook.metadata["papermill"] = {"duration": 125.0, "parameters": {"PRESET": "cpu", "ABLATION_MINUTES": 4}}
     nbformat.write(notebook, tmp_path / "q1.ipynb")
     report.stamp_notebook(tmp_path / "q1.ipynb", tmp_path)
     stamped = nbformat.read(tmp_path / "q1.ipynb", as_version=4)
@@ -102,3 +102,4 @@ def test_stamp_notebook_puts_run_facts_first_and_drops_frozen_widget_bars(tmp_pa
     assert stamped.cells[0].cell_type == "markdown" and "device cpu, precision fp32" in first
     assert "generated data" in first and "wall time: 2.1 min" in first and "training 1.5 min" in first
     assert stamped.cells[1].outputs == [text]
+    assert "CPU cores" in first and "`PRESET = 'cpu'`" in first and "`ABLATION_MINUTES = 4`" in first and "1 widget bar(s) removed" in first

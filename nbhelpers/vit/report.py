@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import time
 import platform as python_platform
 from dataclasses import dataclass
@@ -608,15 +609,21 @@ def stamp_notebook(notebook_path: str | Path, out_dir: str | Path, data_name: st
     summary = json.loads(summary_path.read_text())
     duration = notebook.metadata.get("papermill", {}).get("duration")
     wall = f"{duration / 60:.1f} min (the whole notebook, papermill)" if duration else "not recorded"
+    cores = f", {os.cpu_count()} CPU cores" if "cpu" in str(summary["device"]).split("|")[0] else ""
+    parameters = notebook.metadata.get("papermill", {}).get("parameters", {})
     lines = ["**This copy was executed headless.**", "",
-             f"- device: {device_label(summary['device'])} (torch {summary['torch_version']})",
+             f"- device: {device_label(summary['device'])}{cores} (torch {summary['torch_version']})",
              f"- data: {data_label(summary['data_source'], data_name)}",
              f"- date: {datetime.datetime.fromtimestamp(summary_path.stat().st_mtime).strftime('%Y-%m-%d %H:%M')} (run_summary.json written)",
-             f"- wall time: {wall}; training {summary['train_seconds'] / 60:.1f} min"]
-    lines.append("- progress bars: removed from this copy (a saved notebook cannot run their widgets); the per-epoch lines are kept")
+             f"- wall time: {wall}; training {summary['train_seconds'] / 60:.1f} min",
+             "- parameters: " + ", ".join(f"`{name} = {value!r}`" for name, value in parameters.items())]
+    widgets = 0
     for cell in notebook.cells:  # a widget's saved text is its first frame, a bar frozen at 0%
         if cell.cell_type == "code":
-            cell.outputs = [output for output in cell.outputs if "application/vnd.jupyter.widget-view+json" not in output.get("data", {})]
+            kept = [output for output in cell.outputs if "application/vnd.jupyter.widget-view+json" not in output.get("data", {})]
+            widgets, cell.outputs = widgets + len(cell.outputs) - len(kept), kept
+    if widgets:
+        lines.append(f"- progress bars: {widgets} widget bar(s) removed (a saved notebook cannot run their widgets)")
     notebook.cells.insert(0, nbformat.v4.new_markdown_cell("\n".join(lines)))
     text = nbformat.writes(notebook)
     atomic_write(Path(notebook_path), lambda file: file.write(text.encode()))
