@@ -35,16 +35,20 @@ def noninteractive_reason() -> str | None:
     """
     if os.environ.get(NONINTERACTIVE_ENV, "").strip().lower() in ("1", "true", "yes"):
         return f"{NONINTERACTIVE_ENV}={os.environ[NONINTERACTIVE_ENV]}"
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return "IPython is not installed"
-    kernel = getattr(get_ipython(), "kernel", None)
+    kernel = _jupyter_kernel()
     if kernel is None:
         return "not running inside a Jupyter kernel"
     if not getattr(kernel, "_allow_stdin", True):
         return "the notebook is being executed headless (papermill / nbconvert)"
     return None
+
+
+def _jupyter_kernel():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return getattr(get_ipython(), "kernel", None)
 
 
 def progress_bar(*args, **kwargs):

@@ -379,26 +379,27 @@ def test_cli_sam3_empty_prompt_exits_2(prompt: str, sam3_dirs, tmp_path: Path, c
     assert "name at least one object" in capsys.readouterr().err
 
 
-def test_capped_objects_warnings_become_one_printed_line(capsys) -> None:
+def test_capped_objects_warnings_are_counted_not_shown() -> None:
     """transformers logs "hitting self.max_num_objects" on every frame SAM 3 video detects more objects than it may
-    track; within `capped_objects_note` those records are counted (other records pass) and one line is printed."""
+    track; around the model call those records are counted (other records pass) and become one line at the end."""
     import logging
 
-    from nbhelpers.seg.video.sam3_tracking import SAM3_VIDEO_LOGGER, capped_objects_note
+    from nbhelpers.seg.video.sam3_tracking import SAM3_VIDEO_LOGGER, CappedFrames
 
-    logger, seen = logging.getLogger(SAM3_VIDEO_LOGGER), []
+    logger, seen, capped = logging.getLogger(SAM3_VIDEO_LOGGER), [], CappedFrames()
     handler = logging.Handler()
     handler.emit = seen.append
     logger.addHandler(handler)
     try:
-        with capped_objects_note(2) as capped:
-            for _ in range(3):
+        assert capped.note(2) is None
+        for _ in range(3):
+            with capped.counting():
                 logger.warning("hitting self.max_num_objects=2 with new_det_num=4 and prev_obj_num=2")
-            logger.warning("another warning")
+                logger.warning("another warning")
+        logger.warning("hitting self.max_num_objects=2 outside a model call")  # not counted: shown
     finally:
         logger.removeHandler(handler)
-    assert capped.frames == 3 and [record.getMessage() for record in seen] == ["another warning"]
-    assert capsys.readouterr().out.strip() == ("SAM 3 video: on 3 frame(s) it detected more objects than MAX_OBJECTS=2 "
-                                               "and did not track the extra ones (raise MAX_OBJECTS to follow more).")
-    logger.warning("hitting self.max_num_objects=2 after the block")  # outside the block: not counted any more
     assert capped.frames == 3
+    assert [record.getMessage() for record in seen] == ["another warning"] * 3 + ["hitting self.max_num_objects=2 outside a model call"]
+    assert capped.note(2) == ("[nbhelpers] SAM 3 video: on 3 frame(s) it detected more objects than MAX_OBJECTS=2 "
+                              "and did not track the extra ones (raise MAX_OBJECTS to follow more).")

@@ -27,6 +27,9 @@ import nbformat
 import numpy as np
 import pytest
 
+from nbhelpers.seg.registry import backend_spec
+from nbhelpers.seg.types import DEFAULT_BACKEND
+
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 60  # any single wait in the browser
 UI = ".nbh-seg-ui"
@@ -98,7 +101,7 @@ def _prepare_notebook(work: Path, models: dict[str, Path]) -> tuple[str, list[in
     })
     code = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     setup = code[:code.index(next(i for i in code if "SegmentConfig(" in notebook.cells[i].source)) + 1]
-    ui_cell = next(i for i in code if "launch_ui" in notebook.cells[i].source)
+    ui_cell = next(i for i in code if "launch_ui(" in notebook.cells[i].source)  # the call, not the import
     nbformat.write(notebook, work / "q2.ipynb")
     return "q2.ipynb", setup + [ui_cell]
 
@@ -266,7 +269,7 @@ def _select(driver, option: str):
 def _choose_models(driver, label: str) -> None:
     from selenium.webdriver.support.ui import Select
 
-    Select(_select(driver, "SAM 3")).select_by_value(label)
+    Select(_select(driver, backend_spec("sam3").label)).select_by_value(label)
 
 
 def test_q2_ui_in_a_real_browser(lab_page) -> None:
@@ -283,7 +286,7 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
 
     # SAM 3: only its own threshold can be changed; its model (a folder that does not exist) fails to load with the
     # loader's message and no traceback, which goes once a load works (the GroundingDINO run below).
-    _choose_models(driver, "SAM 3")
+    _choose_models(driver, backend_spec("sam3").label)
     sam2_only = ["box threshold", "text threshold", "CLIPSeg threshold"]
     _wait(driver, lambda d: _sliders_editable(d) == {**dict.fromkeys(sam2_only, False), "SAM 3 threshold": True})
     sam_size = _select(driver, "base-plus")
@@ -291,7 +294,7 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     _button(driver, "Segment").click()
     failed = _wait_output(driver, "does not exist", 3 * WAIT_S)
     assert "no-such-sam3" in failed and "Traceback" not in _ui_text(driver) and "TypeError" not in _ui_text(driver)
-    _choose_models(driver, "GroundingDINO → SAM 2.1")
+    _choose_models(driver, backend_spec(DEFAULT_BACKEND).label)  # the dropdown shows the registry's labels
     _wait(driver, lambda d: _sliders_editable(d) == {**dict.fromkeys(sam2_only, True), "SAM 3 threshold": False})
     assert sam_size.is_enabled()
 

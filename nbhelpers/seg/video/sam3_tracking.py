@@ -134,6 +134,44 @@ def report_sam3_postprocessing() -> Sam3PostProcessing:
     return status
 
 
+# transformers' SAM 3 video logs "hitting self.max_num_objects ..." on every frame that detects more objects than it
+# may track: the tracker counts those records instead (one printed line at the end, and tracks.json).
+SAM3_VIDEO_LOGGER = "transformers.models.sam3_video.modeling_sam3_video"
+_CAPPED_PREFIX = "hitting self.max_num_objects"
+
+
+class CappedFrames(logging.Filter):
+    """Drops SAM 3 video's per-frame "hitting self.max_num_objects" record and counts it; passes every other.
+    Attach it with `counting(...)` around a model call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_CAPPED_PREFIX):
+            self.frames += 1
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator["CappedFrames"]:
+        """Within the block, SAM 3 video's capped-objects records are counted here instead of shown."""
+        logger = logging.getLogger(SAM3_VIDEO_LOGGER)
+        logger.addFilter(self)
+        try:
+            yield self
+        finally:
+            logger.removeFilter(self)
+
+    def note(self, max_objects: int) -> str | None:
+        """The one line for the user, or None when no frame was capped."""
+        if not self.frames:
+            return None
+        return (f"[nbhelpers] SAM 3 video: on {self.frames} frame(s) it detected more objects than MAX_OBJECTS="
+                f"{max_objects} and did not track the extra ones (raise MAX_OBJECTS to follow more).")
+
+
 def _mask_iou(mask: np.ndarray, others: np.ndarray) -> np.ndarray:
     """IoU of one (H, W) bool mask with each of (K, H, W)."""
     inter = (others & mask).sum(axis=(1, 2))
@@ -168,6 +206,7 @@ class Sam3StreamingTracker:
         self.memory_window = max(tracker.num_maskmem, tracker.max_object_pointers_in_encoder) + 1
         self.labels: dict[int, str] = {}  # SAM 3 object id -> phrase, for every track reported
         self.duplicates: list[int] = []  # SAM 3 object ids removed as duplicates
+        self.capped = CappedFrames()  # frames on which SAM 3 found more objects than max_objects
         self.frames_held_peak = 0
 
     @torch.inference_mode()
@@ -180,7 +219,8 @@ class Sam3StreamingTracker:
         assert frame_rgb.shape[:2] == self.size, f"frame {frame_rgb.shape[:2]} != video size {self.size}"
         processor = self.loaded.processor
         pixels = processor(images=frame_rgb, return_tensors="pt").pixel_values[0]
-        output = self.loaded.model(inference_session=self.session, frame=pixels, frame_idx=frame_index)
+        with self.capped.counting():
+            output = self.loaded.model(inference_session=self.session, frame=pixels, frame_idx=frame_index)
         found = processor.postprocess_outputs(self.session, output, original_sizes=[list(self.size)])
         ids = [int(i) for i in found["object_ids"]]
         masks = found["masks"].cpu().numpy().astype(bool).reshape(len(ids), *self.size)
@@ -318,51 +358,13 @@ class Sam3VideoAdapter:
         return _Sam3Run(tracker, encode_mask)
 
     def metadata(self, run: _Sam3Run) -> dict:
-        return {"detector": "sam3 (every frame)",
+        note = run.tracker.capped.note(self.max_objects)
+        if note:
+            print(note, flush=True)
+        return {"detector": "sam3 (every frame)", "frames_over_max_objects": run.tracker.capped.frames,
                 "models": self.models.describe() | {"sam3_video_backend": self.sam3_video.backend},
                 "sam3_postprocessing": self.postprocessing.description,
                 "duplicates_removed": len(run.tracker.duplicates)}
-
-
-# transformers' SAM 3 video logs "hitting self.max_num_objects ..." on every frame that detects more objects than it
-# may track; `capped_objects_note` counts those records and prints one line instead.
-SAM3_VIDEO_LOGGER = "transformers.models.sam3_video.modeling_sam3_video"
-_CAPPED_PREFIX = "hitting self.max_num_objects"
-
-
-class _CappedFrames(logging.Filter):
-    """Drops SAM 3 video's per-frame "hitting self.max_num_objects" record and counts it; passes every other."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(_CAPPED_PREFIX):
-            self.frames += 1
-            return False
-        return True
-
-
-@contextlib.contextmanager
-def capped_objects_note(max_objects: int) -> Iterator[logging.Filter]:
-    """Within the block, count SAM 3 video's "more detections than max_num_objects" warnings instead of showing
-    them; after it, print one line saying on how many frames MAX_OBJECTS dropped detections (nothing if none).
-
-    Args:
-        max_objects: the MAX_OBJECTS the run used (named in the line).
-    Returns:
-        A context manager yielding the counting filter (its `frames`: warnings dropped so far).
-    """
-    logger, capped = logging.getLogger(SAM3_VIDEO_LOGGER), _CappedFrames()
-    logger.addFilter(capped)
-    try:
-        yield capped
-    finally:
-        logger.removeFilter(capped)
-    if capped.frames:
-        print(f"SAM 3 video: on {capped.frames} frame(s) it detected more objects than MAX_OBJECTS={max_objects} "
-              f"and did not track the extra ones (raise MAX_OBJECTS to follow more).", flush=True)
 
 
 def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], models: Sam3Models,
@@ -376,7 +378,6 @@ def segment_video_sam3(video: str | os.PathLike, prompt: str | Sequence[str], mo
     own identities). `settings.sam3_threshold` is the detection score minimum and `settings.nms_iou` the
     duplicate-track overlap.
     """
-    with capped_objects_note(video_settings.max_objects):
-        return segment_with(lambda phrases: Sam3VideoAdapter(models, phrases, settings, video_settings), video, prompt,
-                            out_dir, settings, video_settings, save_id_maps, save_masks, (offload_frames, offload_state),
-                            video_settings.overlay_alpha if alpha is None else alpha, progress)
+    return segment_with(lambda phrases: Sam3VideoAdapter(models, phrases, settings, video_settings), video, prompt,
+                        out_dir, settings, video_settings, save_id_maps, save_masks, (offload_frames, offload_state),
+                        video_settings.overlay_alpha if alpha is None else alpha, progress)
