@@ -332,13 +332,15 @@ def test_enter_runs_and_a_double_click_runs_once(loader, segment_calls, picture,
     _press_enter(ui)
     assert len(segment_calls) == 1 and ui.runs == 1
     # No kernel runs inside pytest: the browser's send times of each press (message header dates) are given here.
-    sent = iter([1000.0, 1000.2, 1003.0])
+    sent = iter([1000.0, 1000.2, 1003.0, 1003.0])
     monkeypatch.setattr(ui_module, "_sent_at", lambda: next(sent))
     ui.button.click()
     ui.button.click()  # sent 0.2 s after the first: the second half of a double-click
     assert len(segment_calls) == 2 and ui.runs == 2
     ui.button.click()  # a later press runs again
     assert len(segment_calls) == 3 and ui.runs == 3
+    ui.button.click()  # the same send time again: a stale header, not a second press; it runs
+    assert len(segment_calls) == 4 and ui.runs == 4
 
 
 def test_status_line_mentions_loading_only_when_models_load(loader, picture, monkeypatch) -> None:

@@ -299,6 +299,7 @@ def test_q2_ui_in_a_real_browser(lab_page) -> None:
     assert sam_size.is_enabled()
 
     _set_text(driver, "cat. dog.", "")  # empty prompt: one clear line, no traceback
+    _wait(driver, lambda d: _button(d, "Segment").is_enabled())  # re-enabled once the failed run's reply has arrived
     _button(driver, "Segment").click()
     assert "Traceback" not in _wait_output(driver, "The prompt is empty")
 

@@ -280,7 +280,9 @@ def request_run(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path |
     started the last run. The kernel handles presses one after another, so a double-click's second press only
     arrives once the first run is over; the browser's send times tell the two apart."""
     sent = _sent_at()
-    if sent is not None and ui.last_sent is not None and 0 <= sent - ui.last_sent < REPEAT_CLICK_S:
+    # A send time equal to the last run's is that press's header seen again (the kernel's parent lookup can lag
+    # behind in a widget callback), not a second press: only a later time within REPEAT_CLICK_S is a double-click.
+    if sent is not None and ui.last_sent is not None and 0 < sent - ui.last_sent < REPEAT_CLICK_S:
         return None
     ui.last_sent, ui.runs = sent, ui.runs + 1
     return handle_click(ui, models_loader, out_dir)
