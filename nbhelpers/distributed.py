@@ -5,6 +5,7 @@ these helpers unconditionally. The engine is torch.distributed: NCCL between GPU
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -114,5 +115,8 @@ def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def shutdown() -> None:
+    """Leave the process group together: no rank tears its connections down while another still uses them."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
+        gc.collect()  # DDP's reducer holds the group in reference cycles: free it now, not during interpreter exit
         dist.destroy_process_group()

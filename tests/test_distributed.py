@@ -5,6 +5,7 @@ notebook's own launcher (`nbhelpers.vit.launch.fit_on_gpus` with processes=2), o
 """
 import json
 import os
+import sys
 import textwrap
 
 import numpy as np
@@ -37,6 +38,9 @@ WRITE_SPY = textwrap.dedent("""
                 log.write(f"rank {os.environ['RANK']} {event} {path}\\n")
     if _out:
         sys.addaudithook(_spy)
+    if os.environ.get("ABORT_RANK_0_AT_EXIT") and os.environ.get("RANK") == "0":
+        import atexit
+        atexit.register(os.abort)  # a crash after the run, while the interpreter exits (SIGABRT, as gloo's teardown)
 """)
 
 
@@ -75,10 +79,12 @@ def test_two_processes_match_one_process_in_fp32_without_augmentation_randomness
     assert not write_spy.exists(), write_spy.read_text()  # rank 1 wrote nothing under OUT_DIR
 
 
-def test_two_processes_with_augmentation_learn_and_resume_with_one(tmp_path, write_spy, monkeypatch):
+def test_two_processes_with_augmentation_learn_and_resume_with_one(tmp_path, write_spy, monkeypatch, capsys):
     settings = dict(TINY, epochs=4, lr=3e-3, warmup_epochs=0.5)  # smoke's crop + flip on: each rank draws its own
     monkeypatch.setenv("SPY_OUT_DIR", str(tmp_path))
+    monkeypatch.setenv("ABORT_RANK_0_AT_EXIT", "1")  # torchrun then exits 1, after rank 0's "results saved:" line
     stopped = fit_on_gpus(build_config("smoke", out_dir=str(tmp_path), stop_after_epochs=2, **settings), processes=2)
+    assert "torchrun exited with code 1 after the results were saved" in capsys.readouterr().out
     assert stopped.status == "stopped" and stopped.step == load_checkpoint(tmp_path / "last.pt")["step"] == 2 * 8
     assert not write_spy.exists(), write_spy.read_text()
     resumed = fit(build_config("smoke", out_dir=str(tmp_path), **settings))  # the other process count: 1
@@ -89,3 +95,18 @@ def test_two_processes_with_augmentation_learn_and_resume_with_one(tmp_path, wri
     assert resumed.history[-1]["train_loss"] < resumed.history[0]["train_loss"]
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["steps"] == 32
+
+
+@pytest.mark.parametrize("saved_first", [True, False])
+def test_a_crash_counts_as_a_failure_only_before_the_results_saved_line(saved_first, capsys):
+    from nbhelpers.vit.launch import run_streaming
+    from nbhelpers.vit.state import RESULTS_SAVED
+
+    line = f"{RESULTS_SAVED} stopped at step 16, /tmp/out/last.pt" if saved_first else "epoch 2/4 | loss 1.708"
+    crash = [sys.executable, "-c", f"import os; print({line!r}, flush=True); os.abort()"]
+    if saved_first:
+        run_streaming(crash)
+        assert "after the results were saved" in capsys.readouterr().out
+    else:
+        with pytest.raises(RuntimeError, match="torchrun exited with code -6"):
+            run_streaming(crash)

@@ -18,6 +18,7 @@ from nbhelpers import distributed
 from nbhelpers.platform import DiskFullError, RunLockedError, StopRequested
 from nbhelpers.vit.checkpoint import CheckpointError
 from nbhelpers.vit.config import PRESETS, build_config, read_config_file
+from nbhelpers.vit.state import results_saved_line
 from nbhelpers.vit.train import fit
 
 
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace, rewrite: Callable[[str], str]) -> int:
         config = read_config_file(args.config_file, **overrides) if args.config_file else build_config(args.preset, **overrides)
         result = fit(config)
         main_process = distributed.is_main()
+        if main_process:  # printed before the teardown: the launcher trusts the results after this line
+            print(results_saved_line(result), flush=True)
         distributed.shutdown()
     except (ValueError, FileNotFoundError, PermissionError, CheckpointError, RunLockedError, DiskFullError) as error:
         print(f"error: {rewrite(str(error))}", file=sys.stderr)
@@ -124,8 +127,6 @@ def run(args: argparse.Namespace, rewrite: Callable[[str], str]) -> int:
         return 1
     except StopRequested as stop:  # last.pt was saved and "stopped at step N" printed
         return stop.exit_code
-    if result.status == "finished" and main_process:
-        print(f"done: {result.out_dir / 'run_summary.json'}")
     return 0
 
 

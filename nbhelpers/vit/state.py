@@ -206,3 +206,12 @@ class FitResult:
     model: VisionTransformer | None = None  # the weights the final accuracy was measured with (EMA if on)
     data: DataSplits | None = None
     final_predictions: np.ndarray | None = None  # (N_test,) predictions of `model` (with TTA if on)
+
+
+RESULTS_SAVED = "results saved:"  # the start of the line rank 0 prints once every file of a run is written
+
+
+def results_saved_line(result: FitResult) -> str:
+    """The line `python -m nbhelpers.vit` prints when `fit` has returned, i.e. every output is on disk."""
+    record = "run_summary.json" if result.status == "finished" else "last.pt"
+    return f"{RESULTS_SAVED} {result.status} at step {result.step}, {result.out_dir / record}"
