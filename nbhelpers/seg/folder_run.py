@@ -26,7 +26,6 @@ from nbhelpers.seg import pipeline
 from nbhelpers.seg.export import OUTPUT_FILES, outputs_complete, remove_dead_temp_files
 from nbhelpers.seg.inputs import list_image_files
 from nbhelpers.seg.models import Sam3Models, SegmentationModels
-from nbhelpers.seg.registry import segment_any_video
 from nbhelpers.seg.video import VideoError, VideoOutOfMemoryError
 from nbhelpers.seg.video.io import list_video_files
 from nbhelpers.seg.video.export import ID_MAPS_DIR, VIDEO_OUTPUTS
@@ -134,9 +133,8 @@ def segment_one_video(file: Path, folder: Path, config: pipeline.SegmentConfig, 
     """One video of the folder into its own output folder, with the backend the models belong to; a bad video is
     recorded as failed, not raised."""
     try:
-        result = segment_any_video(file, config.video_prompt or config.prompt, models, folder, settings=config.detection, **options)
+        pipeline.segment_folder_video(file, folder, config, models, options)
     except (ValueError, VideoError, VideoOutOfMemoryError) as error:
         print(f"error: skipped {file.name}: {error}", file=sys.stderr, flush=True)
         return InputStatus(file.name, folder.name, "failed", str(error), distributed.rank())
-    print(f"{file.name}: {result.summary()} -> {folder}", flush=True)
     return InputStatus(file.name, folder.name, "done", rank=distributed.rank())

@@ -167,13 +167,20 @@ def run_folder_videos(config: SegmentConfig, models, planned: list[tuple[Path, P
                       ) -> list[VideoSegmentation]:
     """The videos of an IMAGE_PATH folder, each into its output folder (video_overlay.mp4, tracks.json), with the
     configured video settings; `run_video` is for the one configured VIDEO_PATH."""
-    results = []
-    for video, folder in planned:
-        result = segment_any_video(video, config.video_prompt or config.prompt, models, folder, **video_options(config))
-        if verbose:
-            print(f"{video.name}: {result.summary()} -> {folder}", flush=True)
-        results.append(result)
-    return results
+    return [segment_folder_video(video, folder, config, models, video_options(config), verbose) for video, folder in planned]
+
+
+def segment_folder_video(video: Path, folder: Path, config: SegmentConfig, models, options: dict, verbose: bool = True
+                         ) -> VideoSegmentation:
+    """One video of a folder into its output folder with the video prompt, through the models' backend.
+
+    Args:
+        options: keyword arguments of `segment_any_video` besides the detection settings (see `video_options`).
+    """
+    result = segment_any_video(video, config.video_prompt or config.prompt, models, folder, **(options | {"settings": config.detection}))
+    if verbose:
+        print(f"{video.name}: {result.summary()} -> {folder}", flush=True)
+    return result
 
 
 def video_options(config: SegmentConfig) -> dict:
