@@ -52,19 +52,19 @@ def test_short_run_ema_is_not_behind_raw_and_reported_weights_say_why(tmp_path):
 
 
 def test_time_budget_sizes_the_run_and_a_resume_keeps_the_schedule(tmp_path, one_thread):
-    budget_minutes = 0.25
+    budget_minutes = 0.1
     start = time.monotonic()
-    result = fit(tiny(tmp_path, epochs=1000, time_budget_minutes=budget_minutes, checkpoint_minutes=0.05, eval_batch_size=128, log_every=2))
+    result = fit(tiny(tmp_path, epochs=1000, time_budget_minutes=budget_minutes, checkpoint_minutes=0.02, eval_batch_size=128, log_every=2))
     seconds = time.monotonic() - start
     assert result.status == "finished" and 8 < result.step < 1000 * 8  # the budget, not EPOCHS, ended it
-    # The plan (made from measured speed) ends within 10% of the budget; the wall clock of a 15 s run on CI's shared
-    # cores varied by 40% between two clean CI runs (15.7 s vs 20.8 s), so it is only checked to be of that order.
+    # The plan (made from measured speed) ends within 10% of the budget; the wall clock on CI's shared cores varied by
+    # 40% between two clean CI runs (15.7 s vs 20.8 s for a 15 s budget), so it is only checked to be of that order.
     plan = load_checkpoint(tmp_path / "last.pt")["budget_plan"]
     planned_end = plan["planned_after_seconds"] + (plan["total_steps"] - plan["planned_at_step"]) * plan["seconds_per_step_with_overhead"] + plan["reserved_seconds"]
     assert abs(planned_end - budget_minutes * 60) <= 0.1 * budget_minutes * 60, plan
     assert 0.6 * budget_minutes * 60 <= seconds <= 1.5 * budget_minutes * 60, seconds
     budget = result.summary["time_budget"]
-    assert budget["budget_seconds"] == 15 and abs(budget["actual_seconds"] - seconds) < 1.0
+    assert budget["budget_seconds"] == budget_minutes * 60 and abs(budget["actual_seconds"] - seconds) < 1.0
     assert budget["planned_steps"] == result.step == load_checkpoint(tmp_path / "last.pt")["scheduler"]["total_steps"]
     assert any("test_accuracy" not in record for record in result.history), "evaluation should not run every epoch"
     # Re-run into the same OUT_DIR: the stored schedule wins over EPOCHS=1000, so nothing more is trained.
