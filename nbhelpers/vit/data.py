@@ -6,6 +6,7 @@ a torchvision download. `dataset='synthetic'` generates a small learnable stand-
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -368,12 +369,14 @@ def make_synthetic(
     Returns:
         (train_images, train_labels, test_images, test_labels): (N, S, S, 3) uint8 and (N,) int64.
     """
-    train = _synthetic_split(train_size, np.random.default_rng([seed, 0]), image_size, num_classes)
-    test = _synthetic_split(test_size, np.random.default_rng([seed, 1]), image_size, num_classes)
-    return (*train, *test)
+    train = _synthetic_split(train_size, (seed, 0), image_size, num_classes)
+    test = _synthetic_split(test_size, (seed, 1), image_size, num_classes)
+    return tuple(array.copy() for array in (*train, *test))  # copies: the cached arrays stay as generated
 
 
-def _synthetic_split(count: int, rng: np.random.Generator, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=8)  # ~40 ms per 1,000 images; tests and notebooks regenerate the same splits many times
+def _synthetic_split(count: int, stream: tuple[int, int], size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(list(stream))
     labels = rng.permutation(np.arange(count) % num_classes).astype(np.int64)
     tint_count = (num_classes + 1) // 2
     hues = (labels % tint_count) / tint_count
