@@ -43,6 +43,12 @@ def noninteractive_reason() -> str | None:
     return None
 
 
+def widget_bars_freeze() -> bool:
+    """True in a Jupyter kernel with no live front end (papermill): a tqdm.auto widget bar would be saved as its
+    first frame, a frozen "0%"."""
+    return _jupyter_kernel() is not None and noninteractive_reason() is not None
+
+
 def _jupyter_kernel():
     try:
         from IPython import get_ipython

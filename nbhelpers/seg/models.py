@@ -26,11 +26,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from nbhelpers.platform import Runtime, select_runtime
+from nbhelpers.platform import Runtime, select_runtime, widget_bars_freeze
 from nbhelpers.seg.types import DEFAULT_CLIPSEG, DEFAULT_DINO, DEFAULT_SAM, DEFAULT_SAM3
 
 
@@ -195,6 +195,22 @@ def _bf16(runtime: Runtime) -> bool:
     return runtime.is_cuda and runtime.amp_dtype == torch.bfloat16
 
 
+@contextlib.contextmanager
+def _no_frozen_loading_bars() -> Iterator[None]:
+    """transformers' bars ("Loading weights", downloads) are tqdm.auto widgets: in a notebook executed headless they
+    would be saved as a frozen "0%", so there they are off while loading, and restored after."""
+    from transformers.utils import logging as transformers_logging
+
+    if not (widget_bars_freeze() and transformers_logging.is_progress_bar_enabled()):
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 def _load(kind: str, model: str | os.PathLike, runtime: Runtime | None, model_class, processor_class,
           amp_dtype: torch.dtype | None, weight_dtype: torch.dtype = torch.float32) -> LoadedModel:
     runtime = _runtime(runtime)
@@ -206,8 +222,9 @@ def _load(kind: str, model: str | os.PathLike, runtime: Runtime | None, model_cl
         _check_model_type(source, kind)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        processor = processor_class.from_pretrained(source, local_files_only=offline)
-        network = model_class.from_pretrained(source, local_files_only=offline, dtype=weight_dtype)
+        with _no_frozen_loading_bars():
+            processor = processor_class.from_pretrained(source, local_files_only=offline)
+            network = model_class.from_pretrained(source, local_files_only=offline, dtype=weight_dtype)
     except OSError as error:
         if is_local:
             raise ModelLoadError(f"{kind} folder {source!r} is incomplete or unreadable: {error}") from error
