@@ -283,14 +283,15 @@ class RunLock:
 
     def _take_over_if_stale(self) -> None:
         try:
-            content, modified = self.path.read_bytes(), self.path.stat().st_mtime
+            with open(self.path, "rb") as file:
+                judged, content = os.fstat(file.fileno()), file.read()  # the file judged, and what it holds
         except FileNotFoundError:
             return  # released meanwhile: creation is retried
         except OSError:  # e.g. another user's lock on a shared drive: its holder is unknown, so it is kept
-            content, modified = None, None
+            judged, content = None, None
         holder = _lock_record(content) if content is not None else {}
         if holder is None:  # empty or cut short: a run that could not fill it, or one filling it right now
-            age = time.time() - modified
+            age = time.time() - judged.st_mtime
             if age < self.WRITE_SECONDS:
                 time.sleep(self.WRITE_SECONDS - age)
                 return
@@ -306,6 +307,18 @@ class RunLock:
         try:
             os.replace(self.path, stale)  # atomic: of two runs taking over, one moves it and the other retries
         except FileNotFoundError:
+            return
+        moved = stale.stat()
+        if (moved.st_ino, moved.st_dev) != (judged.st_ino, judged.st_dev):
+            # Another run took the stale lock over first and made its own, which was moved here: put it back (unless
+            # a third lock is there already), and the retry reads it as live.
+            try:
+                os.link(stale, self.path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links (FAT, some network drives)
+                os.replace(stale, self.path)
+            stale.unlink(missing_ok=True)
             return
         stale.unlink(missing_ok=True)
         print(f"Took over {note}: {self.path}")
