@@ -44,8 +44,8 @@ def noninteractive_reason() -> str | None:
 
 
 def widget_bars_freeze() -> bool:
-    """True in a Jupyter kernel with no live front end (papermill): a tqdm.auto widget bar would be saved as its
-    first frame, a frozen "0%"."""
+    """True in a Jupyter kernel with no live front end (papermill, or NBHELPERS_NONINTERACTIVE set): a tqdm.auto
+    widget bar would be saved as its first frame, a frozen "0%"."""
     return _jupyter_kernel() is not None and noninteractive_reason() is not None
 
 
@@ -308,24 +308,33 @@ class RunLock:
             os.replace(self.path, stale)  # atomic: of two runs taking over, one moves it and the other retries
         except FileNotFoundError:
             return
-        moved = stale.stat()
-        if (moved.st_ino, moved.st_dev) != (judged.st_ino, judged.st_dev):
-            # Another run took the stale lock over first and made its own, which was moved here: put it back (unless
-            # a third lock is there already), and the retry reads it as live.
-            try:
-                os.link(stale, self.path)
-            except FileExistsError:
-                pass
-            except OSError:  # a file system without hard links (FAT, some network drives)
-                os.replace(stale, self.path)
-            stale.unlink(missing_ok=True)
+        if _file_identity(stale.stat()) != _file_identity(judged):
+            self._put_back(stale)  # another run took it over first: what was moved is that run's live lock
             return
         stale.unlink(missing_ok=True)
         print(f"Took over {note}: {self.path}")
 
+    def _put_back(self, moved: Path) -> None:
+        """Return a live lock moved away by mistake; the retry then reads it and refuses. Should a third run have
+        made a lock meanwhile, that one is kept and `moved` is dropped (three runs racing within milliseconds)."""
+        try:
+            os.link(moved, self.path)  # fails rather than replace a lock that is there
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links (FAT, some network drives)
+            if not self.path.exists():
+                os.replace(moved, self.path)
+        moved.unlink(missing_ok=True)
+
     def __exit__(self, *exc_info) -> None:
         if self.holder().get("pid") == self.owner["pid"] and self.holder().get("host") == self.owner["host"]:
             self.path.unlink(missing_ok=True)
+
+
+def _file_identity(status: os.stat_result) -> tuple:
+    """What tells one lock file from another: a rename keeps all four, and a new file (even one that reuses the
+    inode number of a deleted one) is written later."""
+    return status.st_ino, status.st_dev, status.st_size, status.st_mtime_ns
 
 
 def _lock_record(content: bytes) -> dict | None:

@@ -40,7 +40,7 @@ WRITE_SPY = textwrap.dedent("""
         sys.addaudithook(_spy)
     if os.environ.get("ABORT_RANK_0_AT_EXIT") and os.environ.get("RANK") == "0":
         import atexit
-        atexit.register(os.abort)  # a crash after the run, while the interpreter exits (SIGABRT, as gloo's teardown)
+        atexit.register(os._exit, 134)  # a crash after the run, while the interpreter exits (134: as gloo's SIGABRT, no core file)
 """)
 
 
@@ -102,11 +102,12 @@ def test_a_crash_counts_as_a_failure_only_before_the_results_saved_line(saved_fi
     from nbhelpers.vit.launch import run_streaming
     from nbhelpers.vit.state import RESULTS_SAVED
 
-    line = f"{RESULTS_SAVED} stopped at step 16, /tmp/out/last.pt" if saved_first else "epoch 2/4 | loss 1.708"
-    crash = [sys.executable, "-c", f"import os; print({line!r}, flush=True); os.abort()"]
+    bar = "train: 100%|##########| 32/32\r"  # stderr's last bar frame, merged into the same line as the next print
+    line = bar + (f"{RESULTS_SAVED} stopped at step 16, /tmp/out/last.pt" if saved_first else "epoch 2/4 | loss 1.708")
+    crash = [sys.executable, "-c", f"import os; print({line!r}, flush=True); os._exit(134)"]  # 134: as a SIGABRT
     if saved_first:
         run_streaming(crash)
         assert "after the results were saved" in capsys.readouterr().out
     else:
-        with pytest.raises(RuntimeError, match="torchrun exited with code -6"):
+        with pytest.raises(RuntimeError, match="torchrun exited with code 134"):
             run_streaming(crash)

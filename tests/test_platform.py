@@ -125,7 +125,8 @@ def test_run_lock_names_the_holder_and_takes_over_only_a_dead_process(tmp_path, 
     assert not lock.exists()
 
 
-def test_two_runs_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("b_deletes_the_stale_lock", [False, True])  # True: B's new lock may reuse its inode number
+def test_two_runs_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monkeypatch, b_deletes_the_stale_lock):
     # Run A finds the lock of a dead run; before A moves it away, run B (alive: our parent process) has already
     # moved it and written its own. A must move B's live lock back and be refused, not delete it and run too.
     lock = tmp_path / platform.RunLock.NAME
@@ -136,6 +137,8 @@ def test_two_runs_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monke
     def b_takes_over_first(source, target):
         if Path(source) == lock and not Path(target).name.startswith("b-"):
             real_replace(lock, tmp_path / "b-stale")
+            if b_deletes_the_stale_lock:
+                (tmp_path / "b-stale").unlink()
             (tmp_path / "b-new").write_text(json.dumps(live))
             real_replace(tmp_path / "b-new", lock)
             monkeypatch.setattr(platform.os, "replace", real_replace)  # only A's first move races
@@ -144,7 +147,8 @@ def test_two_runs_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path, monke
     monkeypatch.setattr(platform.os, "replace", b_takes_over_first)
     with pytest.raises(platform.RunLockedError, match=rf"PID {os.getppid()}"):
         platform.RunLock(tmp_path).__enter__()
-    assert json.loads(lock.read_text()) == live and {path.name for path in tmp_path.iterdir()} == {"b-stale", lock.name}
+    assert json.loads(lock.read_text()) == live
+    assert {path.name for path in tmp_path.iterdir()} == {lock.name} | (set() if b_deletes_the_stale_lock else {"b-stale"})
 
 
 def test_stale_temp_files_are_found_by_their_names(tmp_path):

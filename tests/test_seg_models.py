@@ -172,6 +172,36 @@ def test_clipseg_probabilities_at_original_size(tiny_seg_models) -> None:
     assert 0.0 <= maps.min() and maps.max() <= 1.0 and maps.std() > 0
 
 
+@pytest.mark.parametrize("hub_bars_off_before", [False, True])
+@pytest.mark.parametrize("headless", [False, True])
+def test_loading_in_a_headless_notebook_hides_transformers_bars_and_restores_their_state(
+        tiny_seg_model_dirs, tmp_path: Path, monkeypatch, headless: bool, hub_bars_off_before: bool) -> None:
+    from huggingface_hub import utils as hub_utils
+    from transformers import Sam2Model
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(seg_models, "widget_bars_freeze", lambda: headless)
+    seen = []
+    original = Sam2Model.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):  # the bar state while transformers loads the weights
+        seen.append((transformers_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Sam2Model, "from_pretrained", classmethod(spy))
+    if hub_bars_off_before:
+        hub_utils.disable_progress_bars()
+    try:
+        copy = shutil.copytree(tiny_seg_model_dirs["sam"], tmp_path / "sam-copy")  # not in the loaded-model cache
+        load_sam2(copy, seg_models.select_runtime("cpu", verbose=False))
+        assert seen == [(False, True)] if headless else seen == [(True, hub_bars_off_before)]
+        assert transformers_logging.is_progress_bar_enabled()  # as before the load
+        assert hub_utils.are_progress_bars_disabled() == hub_bars_off_before
+    finally:
+        hub_utils.enable_progress_bars()
+        seg_models.release("sam2")
+
+
 def test_release_drops_other_models_of_one_kind(tiny_seg_model_dirs, tmp_path: Path) -> None:
     runtime = seg_models.select_runtime("cpu", verbose=False)
     copy = shutil.copytree(tiny_seg_model_dirs["sam"], tmp_path / "sam-copy")  # same weights, another id

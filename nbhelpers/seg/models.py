@@ -199,16 +199,20 @@ def _bf16(runtime: Runtime) -> bool:
 def _no_frozen_loading_bars() -> Iterator[None]:
     """transformers' bars ("Loading weights", downloads) are tqdm.auto widgets: in a notebook executed headless they
     would be saved as a frozen "0%", so there they are off while loading, and restored after."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as transformers_logging
 
     if not (widget_bars_freeze() and transformers_logging.is_progress_bar_enabled()):
         yield
         return
-    transformers_logging.disable_progress_bar()
+    hub_bars_were_off = hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # transformers' bars and huggingface_hub's (downloads)
     try:
         yield
     finally:
         transformers_logging.enable_progress_bar()
+        if hub_bars_were_off:
+            hub_utils.disable_progress_bars()
 
 
 def _load(kind: str, model: str | os.PathLike, runtime: Runtime | None, model_class, processor_class,

@@ -175,7 +175,7 @@ def segment_folder_video(video: Path, folder: Path, config: SegmentConfig, model
     """One video of a folder into its output folder with the video prompt, through the models' backend.
 
     Args:
-        options: keyword arguments of `segment_any_video` besides the detection settings (see `video_options`).
+        options: keyword arguments of `segment_any_video` (see `video_options`); `settings` is always config.detection.
     """
     result = segment_any_video(video, config.video_prompt or config.prompt, models, folder, **(options | {"settings": config.detection}))
     if verbose:

@@ -374,9 +374,15 @@ def make_synthetic(
     return tuple(array.copy() for array in (*train, *test))  # copies: the cached arrays stay as generated
 
 
-@functools.lru_cache(maxsize=8)  # ~40 ms per 1,000 images; tests and notebooks regenerate the same splits many times
+@functools.lru_cache(maxsize=4)  # ~40 ms per 1,000 images; tests and notebooks regenerate the same splits many times
 def _synthetic_split(count: int, stream: tuple[int, int], size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(list(stream))
+    images, labels = _draw_synthetic(count, rng, size, num_classes)
+    images.flags.writeable = labels.flags.writeable = False  # cached: callers get copies, and nobody edits these
+    return images, labels
+
+
+def _draw_synthetic(count: int, rng: np.random.Generator, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.permutation(np.arange(count) % num_classes).astype(np.int64)
     tint_count = (num_classes + 1) // 2
     hues = (labels % tint_count) / tint_count

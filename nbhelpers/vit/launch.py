@@ -91,7 +91,7 @@ def run_streaming(command: list[str]) -> None:
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=environment) as process:
         for line in process.stdout:
             tail.append(line)
-            saved = saved or line.startswith(RESULTS_SAVED)
+            saved = saved or RESULTS_SAVED in line  # in the merged output it may follow a progress bar's last frame
             print(line, end="", flush=True)
         code = process.wait()
     if code != 0 and saved:

@@ -208,7 +208,7 @@ class FitResult:
     final_predictions: np.ndarray | None = None  # (N_test,) predictions of `model` (with TTA if on)
 
 
-RESULTS_SAVED = "results saved:"  # the start of the line rank 0 prints once every file of a run is written
+RESULTS_SAVED = "results saved:"  # starts the line rank 0 prints once every file of a run is written
 
 
 def results_saved_line(result: FitResult) -> str:

@@ -267,11 +267,11 @@ def with_offload_retry(run_pass: Callable[[Offload], object], offload: Offload, 
         try:
             return run_pass(offloaded), offloaded
         except torch.cuda.OutOfMemoryError as error:
-            free_cuda_memory()
             if offloaded == (True, True):
                 raise VideoOutOfMemoryError(
                     f"GPU out of memory even with frames and {model_name} state on the CPU. {advice}, "
                     "or a smaller video (`ffmpeg -i IN -vf scale=-2:720 OUT.mp4`).") from error
             warnings.warn(f"GPU out of memory: retrying once with frames and {model_name} state offloaded to the CPU.",
                           stacklevel=4)
+        free_cuda_memory()  # out here, the error's traceback no longer holds the failed pass's tensors
     raise AssertionError("unreachable: the last attempt returns or raises")
