@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         return run_video(args, source, models)
     if source.is_dir():
         summary = run_folder(config, models, args.overwrite, video_options(args))
+        distributed.shutdown()  # under torchrun every process gets here (failures are statuses): they leave together
         return EXIT_BAD_INPUT if summary["counts"]["failed"] else EXIT_OK
     pipeline.run(config, models, on_unreadable=partial(report_unreadable, args))
     return EXIT_BAD_INPUT if args.unreadable else EXIT_OK
