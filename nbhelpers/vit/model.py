@@ -204,13 +204,13 @@ class VisionTransformer(nn.Module):
         frees = [free for free in distributed.gather_objects(available_memory(runtime.device)) if free is not None]
         free = min(frees) if frees else None
         # on a CPU the data set is already loaded, so it is no longer in the free memory
-        needed = estimate.total_bytes - (estimate.data_bytes if runtime.device.type == "cpu" else 0)
-        if free is None or needed <= free:
+        loaded = estimate.data_bytes if runtime.device.type == "cpu" else 0
+        if free is None or estimate.total_bytes - loaded <= free:
             return estimate
         model, train = config.model, config.train
         shallow = [estimate_training_memory(replace(config, model=replace(model, depth=depth)), autocast, world_size).total_bytes
                    for depth in (0, 1)]
-        fitting = int((free + estimate.total_bytes - needed - shallow[0]) // (shallow[1] - shallow[0]))  # data as above
+        fitting = int((free + loaded - shallow[0]) // (shallow[1] - shallow[0]))
         hint = f"DEPTH={fitting} would fit with the other settings unchanged" if 1 <= fitting < model.depth else \
             f"lower DIM={model.dim}, MLP_DIM={model.mlp_dim} or BATCH_SIZE={train.batch_size}"
         raise ValueError(
