@@ -137,7 +137,6 @@ class SegmentationUI:
     settings: DetectionSettings = DetectionSettings()  # the settings without a widget come from here
     runs: int = 0  # runs started, double-clicks not counted
     last_sent: float | None = None  # browser time of the last press that started a run (seconds since the epoch)
-    last_finished: float | None = None  # kernel time (time.monotonic) when the last run's click handler returned
     backend: Any = None  # Dropdown of backend_labels() (None: the default backend)
     _saver: ThreadPoolExecutor | None = field(default=None, repr=False)
     _saving: Future | None = field(default=None, repr=False)
@@ -279,19 +278,14 @@ def _sent_at() -> float | None:
 def request_run(ui: SegmentationUI, models_loader: ModelsLoader, out_dir: Path | None) -> Segmentation | None:
     """A press of Segment (or Enter): run, unless the browser sent it within REPEAT_CLICK_S of the press that
     started the last run. The kernel handles presses one after another, so a double-click's second press only
-    arrives once the first run is over, at once; the browser's send times tell the two apart."""
+    arrives once the first run is over; the browser's send times tell the two apart."""
     sent = _sent_at()
-    # The kernel's parent header can lag behind in a widget callback and show an earlier message's send time. So a
-    # press is a double-click's second half only when it was also waiting in the queue (handled within REPEAT_CLICK_S
-    # of the last run's end) and was sent later than, yet within REPEAT_CLICK_S of, the press that started that run.
-    queued = ui.last_finished is not None and time.monotonic() - ui.last_finished < REPEAT_CLICK_S
-    if queued and sent is not None and ui.last_sent is not None and 0 < sent - ui.last_sent < REPEAT_CLICK_S:
+    # A send time equal to the last run's is that press's header seen again (the kernel's parent lookup can lag
+    # behind in a widget callback), not a second press: only a later time within REPEAT_CLICK_S is a double-click.
+    if sent is not None and ui.last_sent is not None and 0 < sent - ui.last_sent < REPEAT_CLICK_S:
         return None
     ui.last_sent, ui.runs = sent, ui.runs + 1
-    try:
-        return handle_click(ui, models_loader, out_dir)
-    finally:
-        ui.last_finished = time.monotonic()
+    return handle_click(ui, models_loader, out_dir)
 
 
 def _read_image_input(ui: SegmentationUI) -> tuple[np.ndarray, str]:
